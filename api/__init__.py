@@ -1,0 +1,1 @@
+"""The read side: serves dashboards from Redis alone."""

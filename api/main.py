@@ -1,0 +1,65 @@
+"""``uvicorn api.main:app``: the thin read API. Redis only; Postgres is never touched here."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Path, Request
+from fastapi.responses import JSONResponse, Response
+
+from api.store import DashboardStore
+from models.dashboard import Dashboard, Problem
+from models.handles import HANDLE_PATTERN, handle_key
+from models.settings import RedisSettings, get_redis_settings
+
+Handle = Annotated[str, Path(pattern=HANDLE_PATTERN, examples=["hizrianraz"])]
+
+
+def create_app(settings: RedisSettings | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        conf = settings or get_redis_settings()
+        client = aioredis.Redis.from_url(
+            conf.redis_url, socket_timeout=2, socket_connect_timeout=2, retry_on_timeout=False
+        )
+        app.state.store = DashboardStore(client)
+        app.state.retry_after = str(conf.retry_after_seconds)
+        try:
+            yield
+        finally:
+            await client.aclose()
+
+    app = FastAPI(title="Audit-chain dashboards", version="0.1.0", lifespan=lifespan)
+
+    @app.get(
+        "/v1/users/{handle}/dashboard",
+        response_model=Dashboard,
+        responses={
+            404: {"model": Problem, "description": "No user has this handle"},
+            422: {"description": "Malformed handle"},
+            503: {"model": Problem, "description": "No read model to answer from yet"},
+        },
+    )
+    async def dashboard(handle: Handle, request: Request) -> Response:
+        store: DashboardStore = request.app.state.store
+        try:
+            found = await store.dashboard(handle_key(handle))
+        except aioredis.RedisError:
+            found = None
+        if found is not None and found.status == "found":
+            return Response(found.body, media_type="application/json")
+        if found is not None and found.status == "unknown":
+            return JSONResponse({"detail": "no user has this handle"}, status_code=404)
+        return JSONResponse(
+            {"detail": "the dashboard read model is not available yet; retry shortly"},
+            status_code=503,
+            headers={"Retry-After": request.app.state.retry_after},
+        )
+
+    return app
+
+
+app = create_app()

@@ -1,0 +1,1 @@
+"""The contract shared by the projector (writer) and the API (reader)."""

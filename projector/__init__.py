@@ -1,0 +1,1 @@
+"""The write side: keeps the dashboard read model in Redis from Postgres's changes."""

@@ -1,0 +1,65 @@
+"""``python -m projector [--until-caught-up]``: the composition root of the worker."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from types import FrameType
+
+import redis
+from sqlalchemy import create_engine
+
+from models.settings import get_projector_settings
+from projector.worker import Projector
+
+log = logging.getLogger("projector")
+
+
+def _install_signals(stop: threading.Event) -> None:
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        if stop.is_set():
+            # Second signal: the operator means it. The cursor moves atomically with the
+            # state, so stopping mid-batch loses nothing; the batch is simply done again.
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(1)
+        log.info("%s: finishing the batch in hand, then exiting", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m projector", description=__doc__)
+    parser.add_argument(
+        "--until-caught-up",
+        action="store_true",
+        help="apply everything committed before start, then exit 0",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    settings = get_projector_settings()
+    engine = create_engine(settings.database_url, pool_pre_ping=True, pool_size=2)
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+    stop = threading.Event()
+    _install_signals(stop)
+    projector = Projector(engine, client, settings)
+    log.info("projector starting%s", " (until caught up)" if args.until_caught_up else "")
+    try:
+        projector.run(stop, until_caught_up=args.until_caught_up)
+    finally:
+        engine.dispose()
+        client.close()
+    log.info("projector stopped at %s", projector.head.cursor if projector.head else "no position")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""The prepared bytes the API serves, and their way back into an OwnerView.
+
+A user's document holds everything that is theirs. The parts every user shares (the global
+chain height and the projection's position) live once in the generation's ``tail``; the API's
+read script splices the two, so an event elsewhere in the chain never rewrites 5,000 documents.
+The document ends with ``}}`` (closing chain_meta and the body) and the tail re-opens there.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from projector.records import Cursor, Event, OwnerView, iso_utc
+
+DOC_SPLICE = b"}}"
+
+
+def _event_json(e: Event, agent_name: str) -> dict[str, Any]:
+    return {
+        "id": e.id,
+        "seq": e.seq,
+        "event_type": e.event_type,
+        "agent_id": e.agent_id,
+        "agent_name": agent_name,
+        "model": e.model,
+        "provider": e.provider,
+        "hash": e.hash,
+        "prev_hash": e.prev_hash,
+        "created_at": e.created_at,
+    }
+
+
+def render_doc(view: OwnerView) -> bytes:
+    body = {
+        "handle": view.handle,
+        "display_name": view.display_name,
+        "agent_count": len(view.agents),
+        "recent_events": [_event_json(e, view.agents.get(e.agent_id, "")) for e in view.top],
+        "chain_meta": {
+            "owner_chain_height": view.height,
+            "latest_event_at": view.top[0].created_at if view.top else None,
+        },
+    }
+    doc = orjson.dumps(body)
+    assert doc.endswith(DOC_SPLICE)
+    return doc
+
+
+def render_tail(gen: int, cursor: Cursor, global_height: int, now: datetime | None = None) -> bytes:
+    projection = {
+        "generation": gen,
+        "event_position": {"xid": cursor.events.xid, "seq": cursor.events.n},
+        "applied_at": iso_utc(now or datetime.now(UTC)),
+    }
+    return (
+        b',"global_chain_height":'
+        + str(global_height).encode()
+        + b'},"projection":'
+        + orjson.dumps(projection)
+        + b"}"
+    )
+
+
+def parse_doc(user_id: int, doc: bytes, agents: dict[int, str]) -> OwnerView:
+    body = orjson.loads(doc)
+    top = [
+        Event(
+            id=e["id"],
+            seq=e["seq"],
+            event_type=e["event_type"],
+            agent_id=e["agent_id"],
+            model=e["model"],
+            provider=e["provider"],
+            hash=e["hash"],
+            prev_hash=e["prev_hash"],
+            created_at=e["created_at"],
+        )
+        for e in body["recent_events"]
+    ]
+    return OwnerView(
+        user_id=user_id,
+        handle=body["handle"],
+        display_name=body["display_name"],
+        agents=agents,
+        top=top,
+        height=body["chain_meta"]["owner_chain_height"],
+    )

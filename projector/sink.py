@@ -1,0 +1,151 @@
+"""Redis I/O of the projector: load the state a batch needs, apply a batch atomically.
+
+The batch's updates and the new cursor go to Redis in one Lua script, so a crash leaves either
+the whole batch with its cursor or neither (DESIGN-NOTES part 3). The script also fences: it
+refuses to write unless its generation is still the one being served (or still being built) and
+the stored cursor is the one this batch started from. A rebuild that swapped generations, a
+Redis that lost its data, or another writer that moved on all make the write a no-op, and the
+projector reloads its position instead of writing stale state over newer state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import redis
+
+from models import keys
+from projector.fold import FoldResult
+from projector.records import Cursor, OwnerView
+from projector.render import parse_doc, render_doc
+
+
+class Mode(Enum):
+    LIVE = "live"  # writing the generation the API serves
+    BUILDING = "building"  # catching up a generation a rebuild has not swapped in yet
+
+
+class Fenced(Exception):
+    """The write was refused: the generation or the cursor is not what this writer holds."""
+
+
+@dataclass(frozen=True)
+class Head:
+    gen: int
+    cursor: Cursor
+    height: int
+
+
+_APPLY = """
+if ARGV[2] == 'live' then
+    if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 'generation' end
+elseif redis.call('EXISTS', KEYS[3]) == 0 then
+    return 'building'
+end
+if redis.call('HGET', KEYS[2], 'pos') ~= ARGV[3] then return 'position' end
+local i = 7
+while i <= #ARGV do
+    local op = ARGV[i]
+    if op == 'S' then
+        redis.call('SET', ARGV[i + 1], ARGV[i + 2]); i = i + 3
+    elseif op == 'D' then
+        redis.call('DEL', ARGV[i + 1]); i = i + 2
+    elseif op == 'X' then
+        if redis.call('GET', ARGV[i + 1]) == ARGV[i + 2] then redis.call('DEL', ARGV[i + 1]) end
+        i = i + 3
+    elseif op == 'H' then
+        redis.call('HSET', ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]); i = i + 4
+    elseif op == 'R' then
+        redis.call('HDEL', ARGV[i + 1], ARGV[i + 2]); i = i + 3
+    else
+        return redis.error_reply('unknown op ' .. op)
+    end
+end
+redis.call('HSET', KEYS[2], 'pos', ARGV[4], 'height', ARGV[5], 'tail', ARGV[6])
+return 'ok'
+"""
+
+
+class Sink:
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+        self._apply = client.register_script(_APPLY)
+
+    def current_generation(self) -> int | None:
+        raw = self.r.get(keys.CURRENT)
+        return None if raw is None else int(raw)
+
+    def head(self, gen: int) -> Head | None:
+        pos, height = self.r.hmget(keys.global_hash(gen), [keys.GLOBAL_POS, keys.GLOBAL_HEIGHT])
+        if pos is None:
+            return None
+        return Head(gen, Cursor.decode(pos), int(height or 0))
+
+    def agent_owners(self, gen: int, agent_ids: list[int]) -> dict[int, int]:
+        if not agent_ids:
+            return {}
+        raw = self.r.hmget(keys.agent_owner(gen), [str(a) for a in agent_ids])
+        return {a: int(o) for a, o in zip(agent_ids, raw, strict=True) if o is not None}
+
+    def views(self, gen: int, user_ids: list[int]) -> dict[int, OwnerView]:
+        pipe = self.r.pipeline(transaction=False)
+        for uid in user_ids:
+            pipe.get(keys.user_doc(gen, uid))
+            pipe.hgetall(keys.user_agents(gen, uid))
+        raw = pipe.execute()
+        out: dict[int, OwnerView] = {}
+        for i, uid in enumerate(user_ids):
+            doc, agents = raw[2 * i], raw[2 * i + 1]
+            if doc is not None:
+                names = {int(a): n.decode() for a, n in agents.items()}
+                out[uid] = parse_doc(uid, doc, names)
+        return out
+
+    def apply(
+        self,
+        gen: int,
+        mode: Mode,
+        expected: Cursor,
+        new: Cursor,
+        result: FoldResult,
+        tail: bytes,
+    ) -> None:
+        args: list[str | bytes | int] = [
+            gen,
+            mode.value,
+            expected.encode(),
+            new.encode(),
+            result.global_height,
+            tail,
+            *batch_ops(gen, result),
+        ]
+        outcome = self._apply(
+            keys=[keys.CURRENT, keys.global_hash(gen), keys.building(gen)], args=args
+        )
+        if outcome != b"ok":
+            raise Fenced(outcome.decode())
+
+
+def batch_ops(gen: int, result: FoldResult) -> list[str | bytes | int]:
+    ops: list[str | bytes | int] = []
+    for uid in result.deleted_users:
+        ops += ["D", keys.user_doc(gen, uid), "D", keys.user_agents(gen, uid)]
+    for move in result.handle_moves:
+        # Release before claim: a user whose handle changed only in case keeps the same key.
+        if move.old is not None and move.old != move.new:
+            ops += ["X", keys.handle(gen, move.old), str(move.user_id)]
+        if move.new is not None:
+            ops += ["S", keys.handle(gen, move.new), str(move.user_id)]
+    for uid, view in result.views.items():
+        ops += ["S", keys.user_doc(gen, uid), render_doc(view)]
+    for (uid, agent_id), name in result.owned_set.items():
+        ops += ["H", keys.user_agents(gen, uid), str(agent_id), name]
+    for uid, agent_id in result.owned_del:
+        if uid not in result.deleted_users:
+            ops += ["R", keys.user_agents(gen, uid), str(agent_id)]
+    for agent_id, owner in result.agent_owner_set.items():
+        ops += ["H", keys.agent_owner(gen), str(agent_id), str(owner)]
+    for agent_id in result.agent_owner_del:
+        ops += ["R", keys.agent_owner(gen), str(agent_id)]
+    return ops

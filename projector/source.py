@@ -1,0 +1,166 @@
+"""Reads from Postgres: the next gap-safe batch of changes, current entity rows, recomputes.
+
+The horizon is the oldest transaction still running (the snapshot's xmin). Every transaction
+below it has ended, so rows with tx_id below it form a prefix that can never grow: reading
+in (tx_id, seq) order up to the horizon skips nothing, even when commits land out of seq order,
+and rolled-back transactions simply leave gaps (DESIGN-NOTES part 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, text
+
+from models.keys import TOP_N
+from projector.fold import merge_top
+from projector.records import AgentRow, Event, Position, UserRow, iso_utc
+
+_XID = "cast(cast({} as text) as xid8)"
+_EVENT_COLUMNS = """e.seq, e.id::text as id, e.event_type, e.agent_id, e.model, e.provider,
+    e.hash, e.prev_hash, e.created_at"""
+
+
+@dataclass(frozen=True)
+class Batch:
+    horizon: int
+    events: list[tuple[int, Event]]  # (tx_id, event) in (tx_id, seq) order
+    changes: list[tuple[int, int, str, int]]  # (tx_id, id, kind, entity_id)
+
+    @property
+    def size(self) -> int:
+        return len(self.events) + len(self.changes)
+
+
+def _event(row: Any) -> Event:
+    return Event(
+        id=row.id,
+        seq=row.seq,
+        event_type=row.event_type,
+        agent_id=row.agent_id,
+        model=row.model,
+        provider=row.provider,
+        hash=row.hash,
+        prev_hash=row.prev_hash,
+        created_at=iso_utc(row.created_at),
+    )
+
+
+def horizon(conn: Connection) -> int:
+    return int(
+        conn.execute(text("select pg_snapshot_xmin(pg_current_snapshot())::text")).scalar_one()
+    )
+
+
+def horizon_and_xmax(conn: Connection) -> tuple[int, int]:
+    row = conn.execute(
+        text(
+            "select pg_snapshot_xmin(s)::text as xmin, pg_snapshot_xmax(s)::text as xmax "
+            "from pg_current_snapshot() s"
+        )
+    ).one()
+    return int(row.xmin), int(row.xmax)
+
+
+def read_batch(
+    conn: Connection, events_after: Position, changes_after: Position, limit: int
+) -> Batch:
+    h = horizon(conn)
+    params = {"x": events_after.xid, "n": events_after.n, "h": h, "limit": limit}
+    event_rows = conn.execute(
+        text(
+            f"select e.tx_id::text as tx, {_EVENT_COLUMNS} from audit_events e "
+            f"where (e.tx_id, e.seq) > ({_XID.format(':x')}, :n) and e.tx_id < {_XID.format(':h')} "
+            "order by e.tx_id, e.seq limit :limit"
+        ),
+        params,
+    ).all()
+    params = {"x": changes_after.xid, "n": changes_after.n, "h": h, "limit": limit}
+    change_rows = conn.execute(
+        text(
+            "select c.tx_id::text as tx, c.id, c.kind, c.entity_id from projector_entity_changes c "
+            f"where (c.tx_id, c.id) > ({_XID.format(':x')}, :n) and c.tx_id < {_XID.format(':h')} "
+            "order by c.tx_id, c.id limit :limit"
+        ),
+        params,
+    ).all()
+    return Batch(
+        horizon=h,
+        events=[(int(r.tx), _event(r)) for r in event_rows],
+        changes=[(int(r.tx), r.id, r.kind, r.entity_id) for r in change_rows],
+    )
+
+
+def fetch_agents(conn: Connection, ids: Iterable[int]) -> dict[int, AgentRow | None]:
+    wanted = sorted(set(ids))
+    found: dict[int, AgentRow | None] = dict.fromkeys(wanted)
+    rows = conn.execute(
+        text("select id, owner_id, name from agents where id = any(:ids)"), {"ids": wanted}
+    )
+    for r in rows:
+        found[r.id] = AgentRow(r.id, r.owner_id, r.name)
+    return found
+
+
+def fetch_users(conn: Connection, ids: Iterable[int]) -> dict[int, UserRow | None]:
+    wanted = sorted(set(ids))
+    found: dict[int, UserRow | None] = dict.fromkeys(wanted)
+    rows = conn.execute(
+        text("select id, handle, display_name from users where id = any(:ids)"), {"ids": wanted}
+    )
+    for r in rows:
+        found[r.id] = UserRow(r.id, r.handle, r.display_name)
+    return found
+
+
+def agent_windows(
+    conn: Connection, agent_ids: Sequence[int], upto: Position
+) -> dict[int, tuple[list[Event], int]]:
+    """Per agent: its top-12 events and max seq among events at or below ``upto``.
+
+    One indexed probe per agent, so the cost follows the number of agents, not of events.
+    Events are immutable and carry their tx_id, so bounding by the cursor gives exactly what
+    the projector has applied, however far Postgres has moved on since.
+    """
+    params = {"ids": list(agent_ids), "x": upto.xid, "n": upto.n, "top": TOP_N}
+    bound = f"(e.tx_id, e.seq) <= ({_XID.format(':x')}, :n)"
+    out: dict[int, tuple[list[Event], int]] = {a: ([], 0) for a in agent_ids}
+    rows = conn.execute(
+        text(
+            f"select t.* from unnest(cast(:ids as bigint[])) as a(id) cross join lateral ("
+            f" select {_EVENT_COLUMNS} from audit_events e where e.agent_id = a.id and {bound}"
+            " order by e.created_at desc, e.seq desc limit :top) t"
+        ),
+        params,
+    )
+    for r in rows:
+        out[r.agent_id][0].append(_event(r))
+    heights = conn.execute(
+        text(
+            "select a.id, (select max(e.seq) from audit_events e"
+            f" where e.agent_id = a.id and {bound}) as height"
+            " from unnest(cast(:ids as bigint[])) as a(id)"
+        ),
+        params,
+    )
+    for r in heights:
+        if r.height is not None:
+            out[r.id] = (out[r.id][0], r.height)
+    return out
+
+
+def owner_windows(
+    conn: Connection, agents_by_owner: dict[int, Iterable[int]], upto: Position
+) -> dict[int, tuple[list[Event], int]]:
+    """Per owner: top-12 and chain height over the agents they own, events bounded by ``upto``."""
+    owner_of = {a: owner for owner, agents in agents_by_owner.items() for a in agents}
+    result: dict[int, tuple[list[Event], int]] = {owner: ([], 0) for owner in agents_by_owner}
+    ids = sorted(owner_of)
+    for start in range(0, len(ids), 2000):
+        for agent_id, (top, height) in agent_windows(conn, ids[start : start + 2000], upto).items():
+            owner = owner_of[agent_id]
+            old_top, old_height = result[owner]
+            result[owner] = (merge_top(old_top, top), max(old_height, height))
+    return result

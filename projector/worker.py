@@ -1,0 +1,206 @@
+"""The worker loop: while not asked to stop, take a batch, fold it, apply it, heartbeat."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import orjson
+import psycopg
+import redis
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from models import keys
+from models.settings import ProjectorSettings
+from projector.fold import FoldResult, Loaded, fold
+from projector.rebuild import collect_garbage, new_generation, snapshot_into, swap_in
+from projector.records import Cursor, Position
+from projector.render import render_tail
+from projector.sink import Fenced, Head, Mode, Sink
+from projector.source import fetch_agents, fetch_users, horizon_and_xmax, owner_windows, read_batch
+from projector.wakeup import Wakeup
+
+log = logging.getLogger("projector")
+
+# What "the other side is unreachable for a while" looks like; anything else is a bug and ends
+# the worker loudly rather than retrying for ever.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OperationalError,
+    DBAPIError,
+    psycopg.OperationalError,
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.BusyLoadingError,
+)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    applied: int
+    horizon: int
+
+
+class Projector:
+    def __init__(
+        self,
+        engine: Engine,
+        client: redis.Redis,
+        settings: ProjectorSettings,
+        *,
+        gen: int | None = None,
+        mode: Mode = Mode.LIVE,
+    ) -> None:
+        self.engine = engine
+        self.client = client
+        self.sink = Sink(client)
+        self.settings = settings
+        self.mode = mode
+        self.head: Head | None = None
+        self._fixed_gen = gen
+        self._last_heartbeat = 0.0
+
+    # -- one batch -------------------------------------------------------------------------
+    def step(self) -> StepResult:
+        head = self.head or self._load_head()
+        self.head = head
+        with self.engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn:
+            with conn.begin():
+                batch = read_batch(
+                    conn, head.cursor.events, head.cursor.changes, self.settings.batch_size
+                )
+                if not batch.size:
+                    return StepResult(0, batch.horizon)
+                agent_ids = {e.agent_id for _, e in batch.events}
+                agent_ids |= {ent for _, _, kind, ent in batch.changes if kind == "a"}
+                user_ids = {ent for _, _, kind, ent in batch.changes if kind == "u"}
+                agents = fetch_agents(conn, agent_ids)
+                users = fetch_users(
+                    conn, user_ids | {a.owner_id for a in agents.values() if a is not None}
+                )
+        believed = self.sink.agent_owners(head.gen, sorted(agent_ids))
+        views = self.sink.views(head.gen, sorted(set(users) | set(believed.values())))
+        result = fold(
+            Loaded(views, believed, agents, users, head.height), [e for _, e in batch.events]
+        )
+        cursor = Cursor(
+            Position(batch.events[-1][0], batch.events[-1][1].seq)
+            if batch.events
+            else head.cursor.events,
+            Position(batch.changes[-1][0], batch.changes[-1][1])
+            if batch.changes
+            else head.cursor.changes,
+        )
+        self._recompute(result, cursor)
+        tail = render_tail(head.gen, cursor, result.global_height)
+        self.sink.apply(head.gen, self.mode, head.cursor, cursor, result, tail)
+        self.head = Head(head.gen, cursor, result.global_height)
+        return StepResult(batch.size, batch.horizon)
+
+    def _recompute(self, result: FoldResult, cursor: Cursor) -> None:
+        if not result.recompute:
+            return
+        wanted = {uid: list(result.views[uid].agents) for uid in result.recompute}
+        with self.engine.connect() as conn:
+            windows = owner_windows(conn, wanted, cursor.events)
+        for uid, (top, height) in windows.items():
+            result.views[uid].top = top
+            result.views[uid].height = height
+
+    # -- position and generations ----------------------------------------------------------
+    def _load_head(self) -> Head:
+        gen = self._fixed_gen if self._fixed_gen is not None else self.sink.current_generation()
+        head = None if gen is None else self.sink.head(gen)
+        if head is not None:
+            return head
+        if self.mode is Mode.BUILDING:
+            raise Fenced("the generation being built lost its data")
+        log.warning("no read model in Redis (never built, or Redis lost it): rebuilding")
+        return self.rebuild()
+
+    def rebuild(self) -> Head:
+        """Build a new generation, catch it up, swap it in; this projector then follows it."""
+        gen = new_generation(self.client)
+        snapshot_into(self.engine, self.client, gen)
+        builder = Projector(self.engine, self.client, self.settings, gen=gen, mode=Mode.BUILDING)
+        builder.run(threading.Event(), until_caught_up=True)
+        old = swap_in(self.client, gen)
+        log.info("generation %d is live (replaced %s)", gen, old)
+        collect_garbage(self.client)
+        head = self.sink.head(gen)
+        if head is None:
+            raise Fenced(f"generation {gen} vanished right after the swap")
+        self.head = head
+        return head
+
+    def _still_current(self) -> bool:
+        if self.head is None:
+            return False
+        if self.mode is Mode.BUILDING:
+            return bool(self.client.exists(keys.building(self.head.gen)))
+        return self.sink.current_generation() == self.head.gen
+
+    def heartbeat(self, force: bool = False) -> None:
+        now = time.time()
+        if self.mode is Mode.BUILDING:
+            self.client.expire(keys.building(self.head.gen if self.head else 0), 120)
+            return
+        if not force and now - self._last_heartbeat < 1.0:
+            return
+        self._last_heartbeat = now
+        body = {"at": now, "gen": self.head.gen if self.head else None}
+        if self.head is not None:
+            body["event_seq"] = self.head.cursor.events.n
+        self.client.set(keys.HEARTBEAT, orjson.dumps(body), ex=self.settings.heartbeat_ttl_seconds)
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self, stop: threading.Event, *, until_caught_up: bool = False) -> None:
+        target: int | None = None
+        wakeup = Wakeup(self.settings.database_url) if not until_caught_up else None
+        backoff = self.settings.max_backoff_seconds / 64
+        try:
+            while not stop.is_set():
+                try:
+                    if until_caught_up and target is None:
+                        target = self._start_target()
+                    step = self.step()
+                    self.heartbeat()
+                    if step.applied:
+                        backoff = self.settings.max_backoff_seconds / 64
+                        continue
+                    if target is not None and step.horizon >= target:
+                        return
+                    if not self._still_current():
+                        log.warning("generation %s is no longer current; reloading", self.head)
+                        self.head = None
+                        continue
+                    backoff = self.settings.max_backoff_seconds / 64
+                    if wakeup is not None:
+                        wakeup.wait(self.settings.idle_poll_seconds)
+                    else:
+                        stop.wait(0.05)
+                except Fenced as fenced:
+                    if self.mode is Mode.BUILDING:
+                        raise
+                    log.warning("write fenced (%s); reloading position from Redis", fenced)
+                    self.head = None
+                except TRANSIENT_ERRORS as exc:
+                    log.warning("store unreachable (%s); retrying in %.2fs", _brief(exc), backoff)
+                    self.head = None
+                    stop.wait(backoff)
+                    backoff = min(backoff * 2, self.settings.max_backoff_seconds)
+        finally:
+            if wakeup is not None:
+                wakeup.close()
+
+    def _start_target(self) -> int:
+        # Everything committed before now has an xid below the snapshot's xmax; once the
+        # horizon has passed that, all of it has been read.
+        with self.engine.connect() as conn:
+            return horizon_and_xmax(conn)[1]
+
+
+def _brief(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"

@@ -1,0 +1,1 @@
+"""Operator and developer commands; thin wrappers over the packages."""
