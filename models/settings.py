@@ -52,4 +52,4 @@ def get_redis_settings() -> RedisSettings:
 
 @lru_cache
 def get_projector_settings() -> ProjectorSettings:
-    return ProjectorSettings()  # type: ignore[call-arg]  # database_url comes from the env
+    return ProjectorSettings()  # database_url comes from the environment

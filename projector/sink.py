@@ -128,17 +128,27 @@ class Sink:
 
 
 def batch_ops(gen: int, result: FoldResult) -> list[str | bytes | int]:
+    return [*_user_ops(gen, result), *_agent_ops(gen, result)]
+
+
+def _user_ops(gen: int, result: FoldResult) -> list[str | bytes | int]:
     ops: list[str | bytes | int] = []
     for uid in result.deleted_users:
         ops += ["D", keys.user_doc(gen, uid), "D", keys.user_agents(gen, uid)]
     for move in result.handle_moves:
-        # Release before claim: a user whose handle changed only in case keeps the same key.
+        # Release only if it still points here: another user may have claimed it since, in an
+        # order the log does not show (DELIF), and a case-only change keeps the same key.
         if move.old is not None and move.old != move.new:
             ops += ["X", keys.handle(gen, move.old), str(move.user_id)]
         if move.new is not None:
             ops += ["S", keys.handle(gen, move.new), str(move.user_id)]
     for uid, view in result.views.items():
         ops += ["S", keys.user_doc(gen, uid), render_doc(view)]
+    return ops
+
+
+def _agent_ops(gen: int, result: FoldResult) -> list[str | bytes | int]:
+    ops: list[str | bytes | int] = []
     for (uid, agent_id), name in result.owned_set.items():
         ops += ["H", keys.user_agents(gen, uid), str(agent_id), name]
     for uid, agent_id in result.owned_del:

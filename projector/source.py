@@ -8,7 +8,7 @@ and rolled-back transactions simply leave gaps (DESIGN-NOTES part 1).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,7 +152,7 @@ def agent_windows(
 
 
 def owner_windows(
-    conn: Connection, agents_by_owner: dict[int, Iterable[int]], upto: Position
+    conn: Connection, agents_by_owner: Mapping[int, Iterable[int]], upto: Position
 ) -> dict[int, tuple[list[Event], int]]:
     """Per owner: top-12 and chain height over the agents they own, events bounded by ``upto``."""
     owner_of = {a: owner for owner, agents in agents_by_owner.items() for a in agents}

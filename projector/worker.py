@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from enum import Enum
 
 import orjson
 import psycopg
@@ -16,7 +17,13 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from models import keys
 from models.settings import ProjectorSettings
 from projector.fold import FoldResult, Loaded, fold
-from projector.rebuild import collect_garbage, new_generation, snapshot_into, swap_in
+from projector.rebuild import (
+    BUILD_MARKER_TTL_SECONDS,
+    collect_garbage,
+    new_generation,
+    snapshot_into,
+    swap_in,
+)
 from projector.records import Cursor, Position
 from projector.render import render_tail
 from projector.sink import Fenced, Head, Mode, Sink
@@ -61,6 +68,8 @@ class Projector:
         self.head: Head | None = None
         self._fixed_gen = gen
         self._last_heartbeat = 0.0
+        self._stop = threading.Event()
+        self._target: int | None = None
 
     # -- one batch -------------------------------------------------------------------------
     def step(self) -> StepResult:
@@ -125,7 +134,7 @@ class Projector:
         gen = new_generation(self.client)
         snapshot_into(self.engine, self.client, gen)
         builder = Projector(self.engine, self.client, self.settings, gen=gen, mode=Mode.BUILDING)
-        builder.run(threading.Event(), until_caught_up=True)
+        builder.run(self._stop, until_caught_up=True)
         old = swap_in(self.client, gen)
         log.info("generation %d is live (replaced %s)", gen, old)
         collect_garbage(self.client)
@@ -142,64 +151,94 @@ class Projector:
             return bool(self.client.exists(keys.building(self.head.gen)))
         return self.sink.current_generation() == self.head.gen
 
-    def heartbeat(self, force: bool = False) -> None:
-        now = time.time()
+    def heartbeat(self) -> None:
         if self.mode is Mode.BUILDING:
-            self.client.expire(keys.building(self.head.gen if self.head else 0), 120)
+            if self._fixed_gen is not None:
+                self.client.expire(keys.building(self._fixed_gen), BUILD_MARKER_TTL_SECONDS)
             return
-        if not force and now - self._last_heartbeat < 1.0:
+        now = time.time()
+        if now - self._last_heartbeat < 1.0:
             return
         self._last_heartbeat = now
-        body = {"at": now, "gen": self.head.gen if self.head else None}
+        body: dict[str, object] = {"at": now}
         if self.head is not None:
-            body["event_seq"] = self.head.cursor.events.n
+            body |= {"gen": self.head.gen, "event_seq": self.head.cursor.events.n}
         self.client.set(keys.HEARTBEAT, orjson.dumps(body), ex=self.settings.heartbeat_ttl_seconds)
 
     # -- the loop --------------------------------------------------------------------------
     def run(self, stop: threading.Event, *, until_caught_up: bool = False) -> None:
-        target: int | None = None
-        wakeup = Wakeup(self.settings.database_url) if not until_caught_up else None
-        backoff = self.settings.max_backoff_seconds / 64
+        """Apply batches until ``stop`` is set (or, with ``until_caught_up``, until caught up)."""
+        self._stop = stop
+        self._target = None
+        wakeup = None if until_caught_up else Wakeup(self.settings.database_url)
+        backoff = _Backoff(self.settings.max_backoff_seconds)
         try:
             while not stop.is_set():
                 try:
-                    if until_caught_up and target is None:
-                        target = self._start_target()
-                    step = self.step()
-                    self.heartbeat()
-                    if step.applied:
-                        backoff = self.settings.max_backoff_seconds / 64
-                        continue
-                    if target is not None and step.horizon >= target:
-                        return
-                    if not self._still_current():
-                        log.warning("generation %s is no longer current; reloading", self.head)
-                        self.head = None
-                        continue
-                    backoff = self.settings.max_backoff_seconds / 64
-                    if wakeup is not None:
-                        wakeup.wait(self.settings.idle_poll_seconds)
-                    else:
-                        stop.wait(0.05)
+                    outcome = self._once(until_caught_up)
+                    backoff.reset()
                 except Fenced as fenced:
                     if self.mode is Mode.BUILDING:
                         raise
                     log.warning("write fenced (%s); reloading position from Redis", fenced)
                     self.head = None
+                    continue
                 except TRANSIENT_ERRORS as exc:
-                    log.warning("store unreachable (%s); retrying in %.2fs", _brief(exc), backoff)
+                    delay = backoff.next()
+                    log.warning("store unreachable (%s); retrying in %.2fs", _brief(exc), delay)
                     self.head = None
-                    stop.wait(backoff)
-                    backoff = min(backoff * 2, self.settings.max_backoff_seconds)
+                    stop.wait(delay)
+                    continue
+                if outcome is _Outcome.DONE:
+                    return
+                if outcome is _Outcome.IDLE:
+                    if wakeup is not None:
+                        wakeup.wait(self.settings.idle_poll_seconds)
+                    else:
+                        stop.wait(0.02)
         finally:
             if wakeup is not None:
                 wakeup.close()
+
+    def _once(self, until_caught_up: bool) -> _Outcome:
+        if until_caught_up and self._target is None:
+            self._target = self._start_target()
+        step = self.step()
+        self.heartbeat()
+        if step.applied:
+            return _Outcome.BUSY
+        if self._target is not None and step.horizon >= self._target:
+            return _Outcome.DONE
+        if not self._still_current():
+            log.warning("generation %s is no longer served; reloading", self.head)
+            self.head = None
+            return _Outcome.BUSY
+        return _Outcome.IDLE
 
     def _start_target(self) -> int:
         # Everything committed before now has an xid below the snapshot's xmax; once the
         # horizon has passed that, all of it has been read.
         with self.engine.connect() as conn:
             return horizon_and_xmax(conn)[1]
+
+
+class _Outcome(Enum):
+    BUSY = "busy"  # more may be waiting: go again at once
+    IDLE = "idle"  # caught up with the horizon: wait for a NOTIFY or the poll
+    DONE = "done"  # --until-caught-up reached its target
+
+
+class _Backoff:
+    def __init__(self, ceiling: float) -> None:
+        self.ceiling = ceiling
+        self.reset()
+
+    def reset(self) -> None:
+        self.delay = self.ceiling / 64
+
+    def next(self) -> float:
+        delay, self.delay = self.delay, min(self.delay * 2, self.ceiling)
+        return delay
 
 
 def _brief(exc: BaseException) -> str:

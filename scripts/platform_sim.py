@@ -13,7 +13,12 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-MODELS = [("gpt-5", "openai"), ("claude-opus-4", "anthropic"), ("gemini-3-pro", "google"), (None, None)]
+MODELS = [
+    ("gpt-5", "openai"),
+    ("claude-opus-4", "anthropic"),
+    ("gemini-3-pro", "google"),
+    (None, None),
+]
 
 
 def create_user(conn: Connection, handle: str, display_name: str | None = None) -> int:
@@ -75,7 +80,9 @@ def rename_agent(conn: Connection, agent_id: int, name: str) -> None:
 
 
 def transfer_agent(conn: Connection, agent_id: int, new_owner: int) -> None:
-    conn.execute(text("update agents set owner_id = :o where id = :a"), {"o": new_owner, "a": agent_id})
+    conn.execute(
+        text("update agents set owner_id = :o where id = :a"), {"o": new_owner, "a": agent_id}
+    )
 
 
 def rename_user(conn: Connection, user_id: int, handle: str) -> None:
@@ -83,7 +90,9 @@ def rename_user(conn: Connection, user_id: int, handle: str) -> None:
 
 
 def set_display_name(conn: Connection, user_id: int, name: str | None) -> None:
-    conn.execute(text("update users set display_name = :d where id = :u"), {"d": name, "u": user_id})
+    conn.execute(
+        text("update users set display_name = :d where id = :u"), {"d": name, "u": user_id}
+    )
 
 
 def delete_agent(conn: Connection, agent_id: int) -> None:

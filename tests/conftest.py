@@ -82,7 +82,9 @@ def rclient(redis_server: RedisServer) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def catch_up(engine: Engine, rclient: redis.Redis, settings: ProjectorSettings) -> Callable[[], None]:
+def catch_up(
+    engine: Engine, rclient: redis.Redis, settings: ProjectorSettings
+) -> Callable[[], None]:
     """Run the projector in-process until it has applied everything committed so far."""
 
     def run() -> None:

@@ -43,7 +43,8 @@ def expected(conn: Connection, user_id: int) -> dict[str, Any]:
 def normalise(answer: dict[str, Any]) -> dict[str, Any]:
     """The API's JSON in the oracle's shape: times parsed, freshness fields left out."""
     events = [
-        {**e, "created_at": datetime.fromisoformat(e["created_at"])} for e in answer["recent_events"]
+        {**e, "created_at": datetime.fromisoformat(e["created_at"])}
+        for e in answer["recent_events"]
     ]
     meta = answer["chain_meta"]
     latest = meta["latest_event_at"]
