@@ -20,6 +20,7 @@ from models import keys
 from models.handles import handle_key, is_valid_handle
 from projector.records import Cursor, OwnerView, UserRow
 from projector.render import render_doc, render_tail
+from projector.sink import Fenced
 from projector.source import horizon, owner_windows
 
 log = logging.getLogger("projector.rebuild")
@@ -118,12 +119,12 @@ def snapshot_into(
 def swap_in(client: redis.Redis, gen: int) -> int | None:
     """Make ``gen`` the served generation; return the one it replaced (None if there was none).
 
-    Raises RuntimeError if the build marker is gone: Redis lost data during the build, so the
-    generation may be incomplete and must not be served.
+    Raises Fenced if the build marker is gone: Redis lost data during the build, so the
+    generation may be incomplete and must never be served; the caller builds again.
     """
     old = int(client.eval(_SWAP, 2, keys.CURRENT, keys.building(gen), gen))
     if old < 0:
-        raise RuntimeError(f"generation {gen} lost its build marker; not swapping it in")
+        raise Fenced(f"generation {gen} lost its build marker; not swapping it in")
     return old or None
 
 
