@@ -1,4 +1,4 @@
-"""One Redis round trip per dashboard, atomic: generation, handle, document and tail."""
+"""Dashboards from Redis: the in-process cache first, else one atomic Lua round trip."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from api.cache import DashboardCache
 from models import keys
 
-# Returns {status, body}: 0 no read model, 1 unknown handle, 2 found, 3 half-present user.
-# The document and the tail are spliced here so the API never parses or re-serialises them.
+# Returns {0} no read model, {1} unknown handle, {3} half-present user (a rebuild or a flush
+# in progress), or {2, gen, uid, doc-without-its-closing, tail}: the API splices the last two.
 _READ = f"""
 local gen = redis.call('GET', KEYS[1])
 if not gen then return {{0}} end
@@ -18,7 +19,7 @@ if not uid then return {{1}} end
 local doc = redis.call('GET', {keys.LUA_DOC_TEMPLATE})
 local tail = redis.call('HGET', {keys.LUA_GLOBAL_TEMPLATE}, '{keys.GLOBAL_TAIL}')
 if not doc or not tail then return {{3}} end
-return {{2, string.sub(doc, 1, -3) .. tail}}
+return {{2, gen, uid, string.sub(doc, 1, -3), tail}}
 """
 
 
@@ -29,14 +30,21 @@ class Lookup:
 
 
 class DashboardStore:
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, cache: DashboardCache) -> None:
         self._script = client.register_script(_READ)
+        self.cache = cache
 
     async def dashboard(self, handle_lower: str) -> Lookup:
+        cached = self.cache.get(handle_lower)
+        if cached is not None:
+            return Lookup("found", cached)
+        epoch = self.cache.epoch
         reply = await self._script(keys=[keys.CURRENT], args=[handle_lower])
         code = int(reply[0])
         if code == 2:
-            return Lookup("found", bytes(reply[1]))
+            gen, uid, prefix, tail = int(reply[1]), int(reply[2]), bytes(reply[3]), bytes(reply[4])
+            self.cache.put(epoch, handle_lower, gen, uid, prefix, tail)
+            return Lookup("found", prefix + tail)
         if code == 1:
             return Lookup("unknown")
         return Lookup("unavailable")

@@ -63,6 +63,11 @@ def user_agents(gen: int, user_id: int) -> str:
     return f"rm:g{gen}:{{u{user_id}}}:agents"
 
 
+# The API caches documents in-process and evicts them on Redis's own invalidation messages
+# (client-side caching, broadcast mode), which cover every key under this prefix.
+TRACKING_PREFIX = "rm:"
+INVALIDATE_CHANNEL = "__redis__:invalidate"
+
 # The API's read script builds keys from the generation it finds, inside Redis, so the read is
 # one round trip and one atomic view; these templates keep the names defined here only.
 LUA_HANDLE_TEMPLATE = "'rm:g' .. gen .. ':h:' .. ARGV[1]"
