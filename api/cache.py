@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -138,7 +139,7 @@ async def listen(redis_url: str, cache: DashboardCache, max_backoff: float = 2.0
             cache.set_live(True)
             backoff = 0.05
             while True:
-                message = await conn.read_response(timeout=None)
+                message = await conn.read_response(timeout=math.inf)  # idle is normal
                 if isinstance(message, list) and message[0] == b"message":
                     cache.invalidate(message[2])
         except (RedisError, OSError) as exc:
