@@ -1,0 +1,106 @@
+"""The API's in-process cache: exact by invalidation, never serving what Redis no longer has."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine
+
+from api.cache import DashboardCache
+from models import keys
+from scripts import platform_sim as p
+
+
+def _live_cache() -> DashboardCache:
+    cache = DashboardCache()
+    cache.set_live(True)
+    return cache
+
+
+def test_hit_splices_document_and_tail() -> None:
+    cache = _live_cache()
+    cache.put(cache.epoch, "alice", 3, 7, b'{"a":1', b"TAIL")
+    assert cache.get("alice") == b'{"a":1TAIL'
+    assert cache.get("bob") is None
+
+
+def test_write_to_the_users_document_or_handle_evicts_it() -> None:
+    for changed in (keys.user_doc(3, 7), keys.handle(3, "alice")):
+        cache = _live_cache()
+        cache.put(cache.epoch, "alice", 3, 7, b"doc", b"tail")
+        cache.put(cache.epoch, "bob", 3, 8, b"doc", b"tail")
+        cache.invalidate([changed.encode()])
+        assert cache.get("alice") is None
+        assert cache.get("bob") == b"doctail"
+
+
+def test_tail_change_evicts_the_shared_tail_only() -> None:
+    cache = _live_cache()
+    cache.put(cache.epoch, "alice", 3, 7, b"doc", b"tail")
+    cache.invalidate([keys.global_hash(3).encode()])
+    assert cache.get("alice") is None
+    cache.put(cache.epoch, "bob", 3, 8, b"doc2", b"tail2")
+    assert cache.get("alice") == b"doctail2"
+
+
+def test_flush_and_generation_swap_empty_the_cache() -> None:
+    for changed in (None, [keys.CURRENT.encode()]):
+        cache = _live_cache()
+        cache.put(cache.epoch, "alice", 3, 7, b"doc", b"tail")
+        cache.invalidate(changed)
+        assert cache.get("alice") is None
+        assert len(cache) == 0
+
+
+def test_read_that_raced_an_invalidation_is_not_cached() -> None:
+    cache = _live_cache()
+    epoch = cache.epoch
+    cache.invalidate([b"rm:g3:{u99}:doc"])  # arrives while the read is in flight
+    cache.put(epoch, "alice", 3, 7, b"stale", b"tail")
+    assert cache.get("alice") is None
+
+
+def test_nothing_is_cached_without_the_invalidation_feed() -> None:
+    cache = DashboardCache()
+    cache.put(cache.epoch, "alice", 3, 7, b"doc", b"tail")
+    assert cache.get("alice") is None
+    cache.set_live(True)
+    cache.put(cache.epoch, "alice", 3, 7, b"doc", b"tail")
+    cache.set_live(False)  # the feed dropped: messages may be lost from here on
+    assert cache.get("alice") is None
+
+
+def _wait(predicate: Callable[[], bool], seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_cached_answers_follow_writes_and_flushes(
+    engine: Engine, catch_up: Callable[[], None], api: TestClient, rclient: redis.Redis
+) -> None:
+    with engine.begin() as conn:
+        uid = p.create_user(conn, "cached")
+        agent = p.create_agent(conn, uid, "a")
+        p.add_event(conn, agent)
+    catch_up()
+    store = api.app.state.store  # type: ignore[attr-defined]
+    assert _wait(lambda: store.cache.live)
+    first = api.get("/v1/users/cached/dashboard").json()
+    assert len(store.cache) == 1  # the answer is now served from memory
+    with engine.begin() as conn:
+        _, seq = p.add_event(conn, agent)
+    catch_up()
+    assert _wait(
+        lambda: api.get("/v1/users/cached/dashboard").json()["recent_events"][0]["seq"] == seq
+    )
+    assert first["recent_events"][0]["seq"] < seq
+    rclient.flushall()
+    assert _wait(lambda: api.get("/v1/users/cached/dashboard").status_code == 503, 2.0)
+    assert len(store.cache) == 0
