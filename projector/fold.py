@@ -72,13 +72,16 @@ def _fold_users(loaded: Loaded, views: dict[int, OwnerView], out: FoldResult) ->
                 out.handle_moves.append(HandleMove(uid, _indexable(view.handle), None))
                 del views[uid]
             continue
-        old = None
         if view is None:
             view = views[uid] = OwnerView(uid, row.handle, row.display_name)
+            out.handle_moves.append(HandleMove(uid, None, _indexable(row.handle)))
         elif view.handle != row.handle:
-            old = _indexable(view.handle)
+            out.handle_moves.append(
+                HandleMove(uid, _indexable(view.handle), _indexable(row.handle))
+            )
+        elif view.display_name == row.display_name:
+            continue  # nothing of this user's changed
         view.handle, view.display_name = row.handle, row.display_name
-        out.handle_moves.append(HandleMove(uid, old, _indexable(row.handle)))
         out.views[uid] = view
 
 
@@ -112,7 +115,13 @@ def _fold_agents(loaded: Loaded, views: dict[int, OwnerView], out: FoldResult) -
     return owner_of
 
 
-def fold(loaded: Loaded, events: list[Event]) -> FoldResult:
+def fold(loaded: Loaded, events: list[Event], heights: dict[int, int] | None = None) -> FoldResult:
+    """Fold one batch. ``events`` must hold at least each owner's 12 most recent events of the
+    batch; ``heights`` is the batch's max seq per agent (derived from ``events`` if omitted)."""
+    if heights is None:
+        heights = {}
+        for e in events:
+            heights[e.agent_id] = max(heights.get(e.agent_id, 0), e.seq)
     # Copies, so the caller's loaded state is left as it was.
     views = {
         uid: replace(v, agents=dict(v.agents), top=list(v.top)) for uid, v in loaded.views.items()
@@ -122,17 +131,23 @@ def fold(loaded: Loaded, events: list[Event]) -> FoldResult:
     owner_of = _fold_agents(loaded, views, out)
     by_owner: dict[int, list[Event]] = {}
     for event in events:
-        out.global_height = max(out.global_height, event.seq)
-        owner = owner_of.get(event.agent_id)
-        if owner is None:
-            raise ValueError(f"event {event.seq}: agent {event.agent_id} was not loaded")
-        by_owner.setdefault(owner, []).append(event)
+        by_owner.setdefault(_owner(owner_of, event.agent_id), []).append(event)
+    for agent_id, height in heights.items():
+        owner = _owner(owner_of, agent_id)
+        out.global_height = max(out.global_height, height)
+        view = out.views[owner] = views[owner]
+        # A recomputed owner reads these events too, bounded by this batch's cursor.
+        if owner not in out.recompute:
+            view.height = max(view.height, height)
     for owner, owned in by_owner.items():
-        view = views[owner]
-        out.views[owner] = view
-        if owner in out.recompute:
-            continue  # the recompute reads these events too, bounded by this batch's cursor
-        view.top = merge_top(view.top, owned)
-        view.height = max(view.height, max(e.seq for e in owned))
+        if owner not in out.recompute:
+            views[owner].top = merge_top(views[owner].top, owned)
     out.recompute -= out.deleted_users
     return out
+
+
+def _owner(owner_of: dict[int, int], agent_id: int) -> int:
+    owner = owner_of.get(agent_id)
+    if owner is None:
+        raise ValueError(f"agent {agent_id} has events in the batch but was not loaded")
+    return owner

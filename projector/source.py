@@ -25,13 +25,22 @@ _EVENT_COLUMNS = """e.seq, e.id::text as id, e.event_type, e.agent_id, e.model, 
 
 @dataclass(frozen=True)
 class Batch:
+    """One gap-safe slice of the change streams, already reduced by Postgres.
+
+    ``candidates`` holds, per current owner, only the batch's 12 most recent events: nothing
+    else in the batch can enter anyone's top 12. ``agents`` has the current row and the batch's
+    max seq of every agent with events in the slice, read in the same snapshot as the ranking.
+    """
+
     horizon: int
-    events: list[tuple[int, Event]]  # (tx_id, event) in (tx_id, seq) order
+    events_end: Position | None  # last (tx_id, seq) in the slice; None: no events
+    candidates: list[Event]
+    agents: dict[int, tuple[AgentRow, int]]
     changes: list[tuple[int, int, str, int]]  # (tx_id, id, kind, entity_id)
 
     @property
     def size(self) -> int:
-        return len(self.events) + len(self.changes)
+        return len(self.agents) + len(self.changes)
 
 
 def _event(row: Any) -> Event:
@@ -64,31 +73,72 @@ def horizon_and_xmax(conn: Connection) -> tuple[int, int]:
     return int(row.xmin), int(row.xmax)
 
 
+def _events_end(conn: Connection, after: Position, h: int, limit: int) -> Position | None:
+    row = conn.execute(
+        text(
+            "select tx::text, seq from (select e.tx_id as tx, e.seq from audit_events e"
+            f" where (e.tx_id, e.seq) > ({_XID.format(':x')}, :n) and e.tx_id < {_XID.format(':h')}"
+            " order by e.tx_id, e.seq limit :limit) r order by tx desc, seq desc limit 1"
+        ),
+        {"x": after.xid, "n": after.n, "h": h, "limit": limit},
+    ).one_or_none()
+    return None if row is None else Position(int(row.tx), row.seq)
+
+
+def _ranked_events(
+    conn: Connection, after: Position, end: Position
+) -> tuple[list[Event], dict[int, tuple[AgentRow, int]]]:
+    params = {"x": after.xid, "n": after.n, "ex": end.xid, "en": end.n, "top": TOP_N}
+    in_slice = (
+        f"(e.tx_id, e.seq) > ({_XID.format(':x')}, :n)"
+        f" and (e.tx_id, e.seq) <= ({_XID.format(':ex')}, :en)"
+    )
+    rows = conn.execute(
+        text(
+            f"select * from (select {_EVENT_COLUMNS}, row_number() over (partition by a.owner_id"
+            "  order by e.created_at desc, e.seq desc) as rank"
+            f" from audit_events e join agents a on a.id = e.agent_id where {in_slice}) r"
+            " where rank <= :top"
+        ),
+        params,
+    )
+    candidates = [_event(r) for r in rows]
+    agent_rows = conn.execute(
+        text(
+            "select a.id, a.owner_id, a.name, m.height from"
+            " (select e.agent_id, max(e.seq) as height"
+            f" from audit_events e where {in_slice} group by e.agent_id) m"
+            " join agents a on a.id = m.agent_id"
+        ),
+        params,
+    )
+    agents = {r.id: (AgentRow(r.id, r.owner_id, r.name), r.height) for r in agent_rows}
+    return candidates, agents
+
+
 def read_batch(
     conn: Connection, events_after: Position, changes_after: Position, limit: int
 ) -> Batch:
+    """Read the next slice below the horizon; ``conn`` must be in a REPEATABLE READ transaction,
+    so the ranking by owner and the agent rows come from one snapshot."""
+    # The ranking sorts a whole slice; keep it in memory rather than spilling to disk.
+    conn.execute(text("set local work_mem = '128MB'"))
     h = horizon(conn)
-    params = {"x": events_after.xid, "n": events_after.n, "h": h, "limit": limit}
-    event_rows = conn.execute(
-        text(
-            f"select e.tx_id::text as tx, {_EVENT_COLUMNS} from audit_events e "
-            f"where (e.tx_id, e.seq) > ({_XID.format(':x')}, :n) and e.tx_id < {_XID.format(':h')} "
-            "order by e.tx_id, e.seq limit :limit"
-        ),
-        params,
-    ).all()
-    params = {"x": changes_after.xid, "n": changes_after.n, "h": h, "limit": limit}
+    end = _events_end(conn, events_after, h, limit)
+    candidates, agents = ([], {}) if end is None else _ranked_events(conn, events_after, end)
     change_rows = conn.execute(
         text(
             "select c.tx_id::text as tx, c.id, c.kind, c.entity_id from projector_entity_changes c "
             f"where (c.tx_id, c.id) > ({_XID.format(':x')}, :n) and c.tx_id < {_XID.format(':h')} "
             "order by c.tx_id, c.id limit :limit"
         ),
-        params,
+        {"x": changes_after.xid, "n": changes_after.n, "h": h, "limit": limit},
     ).all()
     return Batch(
         horizon=h,
-        events=[(int(r.tx), _event(r)) for r in event_rows],
+        events_end=end,
+        candidates=candidates,
+        agents=agents,
         changes=[(int(r.tx), r.id, r.kind, r.entity_id) for r in change_rows],
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from enum import Enum
 
@@ -24,13 +25,15 @@ from projector.rebuild import (
     snapshot_into,
     swap_in,
 )
-from projector.records import Cursor, Position
+from projector.records import AgentRow, Cursor, OwnerView, Position
 from projector.render import render_tail
 from projector.sink import Fenced, Head, Mode, Sink
 from projector.source import fetch_agents, fetch_users, horizon_and_xmax, owner_windows, read_batch
 from projector.wakeup import Wakeup
 
 log = logging.getLogger("projector")
+
+VIEW_CACHE_LIMIT = 200_000
 
 # What "the other side is unreachable for a while" looks like; anything else is a bug and ends
 # the worker loudly rather than retrying for ever.
@@ -70,6 +73,8 @@ class Projector:
         self._last_heartbeat = 0.0
         self._stop = threading.Event()
         self._target: int | None = None
+        self._view_cache: dict[int, OwnerView] = {}
+        self._owner_cache: dict[int, int] = {}
 
     # -- one batch -------------------------------------------------------------------------
     def step(self) -> StepResult:
@@ -82,22 +87,24 @@ class Projector:
                 )
                 if not batch.size:
                     return StepResult(0, batch.horizon)
-                agent_ids = {e.agent_id for _, e in batch.events}
-                agent_ids |= {ent for _, _, kind, ent in batch.changes if kind == "a"}
-                user_ids = {ent for _, _, kind, ent in batch.changes if kind == "u"}
-                agents = fetch_agents(conn, agent_ids)
-                users = fetch_users(
-                    conn, user_ids | {a.owner_id for a in agents.values() if a is not None}
-                )
-        believed = self.sink.agent_owners(head.gen, sorted(agent_ids))
-        views = self.sink.views(head.gen, sorted(set(users) | set(believed.values())))
+                log_agents = {ent for _, _, kind, ent in batch.changes if kind == "a"}
+                log_users = {ent for _, _, kind, ent in batch.changes if kind == "u"}
+                agents: dict[int, AgentRow | None] = {
+                    a: row for a, (row, _) in batch.agents.items()
+                }
+                agents.update(fetch_agents(conn, log_agents - agents.keys()))
+                believed = self._agent_owners(head.gen, agents)
+                owners = {a.owner_id for a in agents.values() if a is not None}
+                views = self._views(head.gen, owners | set(believed.values()) | log_users)
+                # User rows change only through the log; other owners need theirs only when
+                # the read model has never seen them.
+                users = fetch_users(conn, log_users | (owners - views.keys()))
+        heights = {agent_id: height for agent_id, (_, height) in batch.agents.items()}
         result = fold(
-            Loaded(views, believed, agents, users, head.height), [e for _, e in batch.events]
+            Loaded(views, believed, agents, users, head.height), batch.candidates, heights
         )
         cursor = Cursor(
-            Position(batch.events[-1][0], batch.events[-1][1].seq)
-            if batch.events
-            else head.cursor.events,
+            batch.events_end or head.cursor.events,
             Position(batch.changes[-1][0], batch.changes[-1][1])
             if batch.changes
             else head.cursor.changes,
@@ -106,7 +113,40 @@ class Projector:
         tail = render_tail(head.gen, cursor, result.global_height)
         self.sink.apply(head.gen, self.mode, head.cursor, cursor, result, tail)
         self.head = Head(head.gen, cursor, result.global_height)
+        self._remember(result)
         return StepResult(batch.size, batch.horizon)
+
+    # The projector is the only writer of its generation (the fence in every write proves it),
+    # so what it last wrote is what Redis holds: it keeps that in memory instead of reading
+    # thousands of documents back for every batch. Any doubt (a fence, an error) forgets it.
+    def _agent_owners(self, gen: int, agent_ids: Collection[int]) -> dict[int, int]:
+        known = {a: self._owner_cache[a] for a in agent_ids if a in self._owner_cache}
+        missing = [a for a in agent_ids if a not in known]
+        fetched = self.sink.agent_owners(gen, missing)
+        self._owner_cache.update(fetched)
+        return known | fetched
+
+    def _views(self, gen: int, user_ids: Collection[int]) -> dict[int, OwnerView]:
+        known = {u: self._view_cache[u] for u in user_ids if u in self._view_cache}
+        missing = [u for u in user_ids if u not in known]
+        fetched = self.sink.views(gen, missing)
+        self._view_cache.update(fetched)
+        return known | fetched
+
+    def _remember(self, result: FoldResult) -> None:
+        if len(self._view_cache) > VIEW_CACHE_LIMIT:
+            self._view_cache.clear()
+        self._view_cache.update(result.views)
+        for uid in result.deleted_users:
+            self._view_cache.pop(uid, None)
+        self._owner_cache.update(result.agent_owner_set)
+        for agent_id in result.agent_owner_del:
+            self._owner_cache.pop(agent_id, None)
+
+    def _forget(self) -> None:
+        self.head = None
+        self._view_cache.clear()
+        self._owner_cache.clear()
 
     def _recompute(self, result: FoldResult, cursor: Cursor) -> None:
         if not result.recompute:
@@ -141,6 +181,7 @@ class Projector:
         head = self.sink.head(gen)
         if head is None:
             raise Fenced(f"generation {gen} vanished right after the swap")
+        self._forget()
         self.head = head
         return head
 
@@ -181,12 +222,12 @@ class Projector:
                     if self.mode is Mode.BUILDING:
                         raise
                     log.warning("write fenced (%s); reloading position from Redis", fenced)
-                    self.head = None
+                    self._forget()
                     continue
                 except TRANSIENT_ERRORS as exc:
                     delay = backoff.next()
                     log.warning("store unreachable (%s); retrying in %.2fs", _brief(exc), delay)
-                    self.head = None
+                    self._forget()
                     stop.wait(delay)
                     continue
                 if outcome is _Outcome.DONE:
@@ -211,7 +252,7 @@ class Projector:
             return _Outcome.DONE
         if not self._still_current():
             log.warning("generation %s is no longer served; reloading", self.head)
-            self.head = None
+            self._forget()
             return _Outcome.BUSY
         return _Outcome.IDLE
 
