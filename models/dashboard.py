@@ -34,16 +34,11 @@ class ChainMeta(BaseModel):
     latest_event_at: datetime | None
 
 
-class EventPosition(BaseModel):
-    xid: int
-    seq: int
-
-
 class Projection(BaseModel):
-    """How fresh the answer is: the generation served and the last applied event position."""
+    """How fresh the answer is: the generation served and the projector's cursor (opaque)."""
 
     generation: int
-    event_position: EventPosition
+    position: str
     applied_at: datetime
 
 

@@ -29,7 +29,9 @@ class ProjectorSettings(RedisSettings):
     """What the projector and the scripts need: Postgres as well."""
 
     database_url: str
-    batch_size: int = Field(default=5000, ge=1)
+    # Events per batch. Big on purpose: a batch's cost is mostly one rewrite per touched owner,
+    # so a backlog is cheapest in few large slices; live traffic makes small ones anyway.
+    batch_size: int = Field(default=500_000, ge=1)
     # Upper bound on how long the worker sleeps without a NOTIFY before looking again: a
     # transaction that rolls back sends none, yet it may have been holding the horizon back.
     idle_poll_seconds: float = Field(default=0.5, gt=0)

@@ -10,10 +10,10 @@ import sys
 import threading
 from types import FrameType
 
-import redis
 from sqlalchemy import create_engine
 
 from models.settings import get_projector_settings
+from projector.sink import connect
 from projector.worker import Projector
 
 log = logging.getLogger("projector")
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     settings = get_projector_settings()
     engine = create_engine(settings.database_url, pool_pre_ping=True, pool_size=2)
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+    client = connect(settings.redis_url)
     stop = threading.Event()
     _install_signals(stop)
     projector = Projector(engine, client, settings)
@@ -57,7 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         engine.dispose()
         client.close()
-    log.info("projector stopped at %s", projector.head.cursor if projector.head else "no position")
+    if projector.head is not None:
+        log.info(
+            "projector stopped: generation %d, chain height %d applied",
+            projector.head.gen,
+            projector.head.height,
+        )
     return 0
 
 

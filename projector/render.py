@@ -52,7 +52,9 @@ def render_doc(view: OwnerView) -> bytes:
 def render_tail(gen: int, cursor: Cursor, global_height: int, now: datetime | None = None) -> bytes:
     projection = {
         "generation": gen,
-        "event_position": {"xid": cursor.events.xid, "seq": cursor.events.n},
+        # Opaque to clients: the event stream's cursor (transaction id, seq); a string, since
+        # after a rebuild the seq part is a 64-bit sentinel no JavaScript number holds.
+        "position": f"{cursor.events.xid}:{cursor.events.n}",
         "applied_at": iso_utc(now or datetime.now(UTC)),
     }
     return (

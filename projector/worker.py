@@ -80,6 +80,7 @@ class Projector:
     def step(self) -> StepResult:
         head = self.head or self._load_head()
         self.head = head
+        started = time.perf_counter()
         with self.engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn:
             with conn.begin():
                 batch = read_batch(
@@ -99,6 +100,7 @@ class Projector:
                 # User rows change only through the log; other owners need theirs only when
                 # the read model has never seen them.
                 users = fetch_users(conn, log_users | (owners - views.keys()))
+        read_at = time.perf_counter()
         heights = {agent_id: height for agent_id, (_, height) in batch.agents.items()}
         result = fold(
             Loaded(views, believed, agents, users, head.height), batch.candidates, heights
@@ -109,11 +111,28 @@ class Projector:
             if batch.changes
             else head.cursor.changes,
         )
+        folded_at = time.perf_counter()
         self._recompute(result, cursor)
+        recomputed_at = time.perf_counter()
         tail = render_tail(head.gen, cursor, result.global_height)
         self.sink.apply(head.gen, self.mode, head.cursor, cursor, result, tail)
         self.head = Head(head.gen, cursor, result.global_height)
         self._remember(result)
+        done = time.perf_counter()
+        log.info(
+            "batch: %d events (%d candidates), %d entity changes -> %d owners written,"
+            " %d recomputed; read %.3fs fold %.3fs recompute %.3fs write %.3fs; at seq %d",
+            batch.event_count,
+            len(batch.candidates),
+            len(batch.changes),
+            len(result.views),
+            len(result.recompute),
+            read_at - started,
+            folded_at - read_at,
+            recomputed_at - folded_at,
+            done - recomputed_at,
+            cursor.events.n,
+        )
         return StepResult(batch.size, batch.horizon)
 
     # The projector is the only writer of its generation (the fence in every write proves it),

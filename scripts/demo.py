@@ -249,8 +249,7 @@ def show_dashboard(body: dict[str, Any]) -> None:
         f" latest event at {short_time(meta['latest_event_at'])}"
     )
     note(
-        f"projection: generation {proj['generation']}, event position seq "
-        f"{proj['event_position']['seq']} (xid {proj['event_position']['xid']}),"
+        f"projection: generation {proj['generation']}, position {proj['position']},"
         f" applied at {short_time(proj['applied_at'])}"
     )
 

@@ -12,12 +12,11 @@ import sys
 import threading
 import time
 
-import redis
 from sqlalchemy import create_engine
 
 from models.settings import get_projector_settings
 from projector.rebuild import collect_garbage, new_generation, snapshot_into, swap_in
-from projector.sink import Mode, Sink
+from projector.sink import Mode, Sink, connect
 from projector.worker import Projector
 
 
@@ -35,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = get_projector_settings()
     engine = create_engine(settings.database_url, pool_pre_ping=True)
-    client = redis.Redis.from_url(settings.redis_url)
+    client = connect(settings.redis_url)
     started = time.monotonic()
     try:
         gen = new_generation(client)

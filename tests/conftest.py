@@ -11,6 +11,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.pool import NullPool
 
 from api.main import create_app
 from models.settings import ProjectorSettings, RedisSettings
@@ -48,7 +49,8 @@ def redis_server() -> Iterator[RedisServer]:
 @pytest.fixture
 def db_url(pg_server: PostgresServer) -> Iterator[str]:
     name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(pg_server.url(), isolation_level="AUTOCOMMIT")
+    # No pooled connection: a test may restart the server, and teardown must still work.
+    admin = create_engine(pg_server.url(), isolation_level="AUTOCOMMIT", poolclass=NullPool)
     with admin.connect() as conn:
         conn.execute(text(f"create database {name} template {TEMPLATE_DB}"))
     yield pg_server.url(name)
