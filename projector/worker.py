@@ -88,6 +88,7 @@ class Projector:
                 )
                 if not batch.size:
                     return StepResult(0, batch.horizon)
+                pg_at = time.perf_counter()
                 log_agents = {ent for _, _, kind, ent in batch.changes if kind == "a"}
                 log_users = {ent for _, _, kind, ent in batch.changes if kind == "u"}
                 agents: dict[int, AgentRow | None] = {
@@ -121,13 +122,15 @@ class Projector:
         done = time.perf_counter()
         log.info(
             "batch: %d events (%d candidates), %d entity changes -> %d owners written,"
-            " %d recomputed; read %.3fs fold %.3fs recompute %.3fs write %.3fs; at seq %d",
+            " %d recomputed; read %.3fs (postgres %.3fs) fold %.3fs recompute %.3fs write %.3fs;"
+            " at seq %d",
             batch.event_count,
             len(batch.candidates),
             len(batch.changes),
             len(result.views),
             len(result.recompute),
             read_at - started,
+            pg_at - started,
             folded_at - read_at,
             recomputed_at - folded_at,
             done - recomputed_at,
