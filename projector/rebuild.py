@@ -14,10 +14,11 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import redis
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, select, text
 
 from models import keys
 from models.handles import handle_key, is_valid_handle
+from models.tables import Agent, User
 from projector.records import Cursor, OwnerView, UserRow
 from projector.render import render_doc, render_tail
 from projector.sink import Fenced
@@ -60,11 +61,11 @@ def snapshot_into(
             cursor = Cursor.below(h)
             users = [
                 UserRow(r.id, r.handle, r.display_name)
-                for r in conn.execute(text("select id, handle, display_name from users"))
+                for r in conn.execute(select(User.id, User.handle, User.display_name))
             ]
             agents_by_owner: dict[int, dict[int, str]] = defaultdict(dict)
             agent_owner: dict[int, int] = {}
-            for r in conn.execute(text("select id, owner_id, name from agents")):
+            for r in conn.execute(select(Agent.id, Agent.owner_id, Agent.name)):
                 agents_by_owner[r.owner_id][r.id] = r.name
                 agent_owner[r.id] = r.owner_id
             windows = owner_windows(conn, agents_by_owner, cursor.events)

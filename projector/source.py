@@ -12,9 +12,19 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    BindParameter,
+    Connection,
+    any_,
+    bindparam,
+    select,
+    text,
+)
 
 from models.keys import TOP_N
+from models.tables import Agent, User
 from projector.fold import merge_top
 from projector.records import AgentRow, Event, Position, UserRow
 
@@ -162,10 +172,8 @@ def read_batch(
 def fetch_agents(conn: Connection, ids: Iterable[int]) -> dict[int, AgentRow | None]:
     wanted = sorted(set(ids))
     found: dict[int, AgentRow | None] = dict.fromkeys(wanted)
-    rows = conn.execute(
-        text("select id, owner_id, name from agents where id = any(:ids)"), {"ids": wanted}
-    )
-    for r in rows:
+    query = select(Agent.id, Agent.owner_id, Agent.name).where(Agent.id == any_(_bigints(wanted)))
+    for r in conn.execute(query):
         found[r.id] = AgentRow(r.id, r.owner_id, r.name)
     return found
 
@@ -173,12 +181,15 @@ def fetch_agents(conn: Connection, ids: Iterable[int]) -> dict[int, AgentRow | N
 def fetch_users(conn: Connection, ids: Iterable[int]) -> dict[int, UserRow | None]:
     wanted = sorted(set(ids))
     found: dict[int, UserRow | None] = dict.fromkeys(wanted)
-    rows = conn.execute(
-        text("select id, handle, display_name from users where id = any(:ids)"), {"ids": wanted}
-    )
-    for r in rows:
+    query = select(User.id, User.handle, User.display_name).where(User.id == any_(_bigints(wanted)))
+    for r in conn.execute(query):
         found[r.id] = UserRow(r.id, r.handle, r.display_name)
     return found
+
+
+def _bigints(ids: list[int]) -> BindParameter[Sequence[int]]:
+    # One array parameter, not one bind parameter per id: batches touch thousands.
+    return bindparam("ids", ids, type_=ARRAY(BigInteger))
 
 
 def agent_windows(

@@ -78,3 +78,18 @@ def test_upgrade_of_a_live_platform_schema_projects_existing_rows(
         assert body["chain_meta"]["owner_chain_height"] == 3
     finally:
         eng.dispose()
+
+
+def test_orm_tables_match_the_ddl(engine: Engine) -> None:
+    """models/tables.py (used for typed queries) and projector/schema.py (the DDL) agree."""
+    from models.tables import Base
+
+    query = text(
+        "select column_name, is_nullable = 'YES' from information_schema.columns"
+        " where table_name = :t"
+    )
+    with engine.connect() as conn:
+        for table in Base.metadata.sorted_tables:
+            live = dict(conn.execute(query, {"t": table.name}).all())
+            declared = {c.name: bool(c.nullable) for c in table.columns}
+            assert live == declared, table.name
