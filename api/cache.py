@@ -11,16 +11,24 @@ Two races are closed here rather than hoped away:
   cached.
 - Lost messages: while the listening connection is down nothing is cached or served from cache,
   and the cache is emptied when it comes back, since invalidations may have been missed.
+- Messages not read yet: Redis sends a write's invalidations before the writer can act on its
+  reply, but the event loop may not have read them when the next request arrives. A hit is
+  served only if the feed's socket has no unread bytes (one FIONREAD), so an answer never
+  predates a write whose client has already seen it complete.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
-import math
+import struct
+import termios
+from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
 
-import redis.asyncio as aioredis
+import hiredis
 from redis.exceptions import RedisError
 
 from models import keys
@@ -40,6 +48,7 @@ class _Entry:
 class DashboardCache:
     def __init__(self) -> None:
         self.live = False
+        self._unread: Callable[[], int] = lambda: 1
         self.epoch = 0
         self.tail: bytes | None = None
         self.tail_key: bytes | None = None
@@ -48,7 +57,7 @@ class DashboardCache:
         self._by_key: dict[bytes, str] = {}
 
     def get(self, handle_lower: str) -> bytes | None:
-        if not self.live or self.tail is None:
+        if not self.live or self.tail is None or self._unread():
             return None
         entry = self._docs.get(handle_lower)
         return None if entry is None else entry.prefix + self.tail
@@ -89,6 +98,11 @@ class DashboardCache:
             if handle is not None:
                 self._drop(handle)
 
+    def attach(self, unread: Callable[[], int]) -> None:
+        """Go live, fed by a connection whose unread bytes ``unread`` counts."""
+        self._unread = unread
+        self.set_live(True)
+
     def set_live(self, live: bool) -> None:
         self.epoch += 1
         self.live = live
@@ -110,44 +124,101 @@ class DashboardCache:
         return len(self._docs)
 
 
+class _Feed(asyncio.Protocol):
+    """The invalidation connection, parsed in ``data_received`` itself: a message takes effect
+    as soon as the event loop reads it, not when some task gets scheduled later."""
+
+    def __init__(self, cache: DashboardCache) -> None:
+        self.cache = cache
+        self.reader = hiredis.Reader()
+        self.replies: asyncio.Queue[object] = asyncio.Queue()
+        self.closed = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while (reply := self.reader.gets()) is not False:
+            if isinstance(reply, list) and reply[:1] == [b"message"]:
+                self.cache.invalidate(reply[2])
+            else:
+                self.replies.put_nowait(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.cache.set_live(False)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def send(self, *args: str | int) -> None:
+        assert self.transport is not None
+        parts = [b"*%d\r\n" % len(args)]
+        for arg in args:
+            raw = str(arg).encode()
+            parts += [b"$%d\r\n" % len(raw), raw, b"\r\n"]
+        self.transport.write(b"".join(parts))
+
+    async def reply(self) -> object:
+        reply = await asyncio.wait_for(self.replies.get(), timeout=5)
+        if isinstance(reply, hiredis.ReplyError):
+            raise RedisError(str(reply))
+        return reply
+
+    def pending_bytes(self) -> int:
+        """Bytes Redis has sent that the event loop has not read yet (FIONREAD)."""
+        sock = None if self.transport is None else self.transport.get_extra_info("socket")
+        if sock is None:
+            return 1
+        buf = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        return int(struct.unpack("i", buf)[0])
+
+
+async def _open_feed(redis_url: str, cache: DashboardCache) -> _Feed:
+    url = urlsplit(redis_url)
+    loop = asyncio.get_running_loop()
+    feed = _Feed(cache)
+    if url.scheme == "unix":
+        connecting = loop.create_unix_connection(lambda: feed, url.path)
+    else:
+        host, port = url.hostname or "localhost", url.port or 6379
+        connecting = loop.create_connection(
+            lambda: feed, host, port, ssl=True if url.scheme == "rediss" else None
+        )
+    await asyncio.wait_for(connecting, timeout=2)
+    if url.password:
+        feed.send("AUTH", *[unquote(p) for p in (url.username, url.password) if p])
+        await feed.reply()
+    feed.send("CLIENT", "ID")
+    client_id = await feed.reply()
+    assert isinstance(client_id, int)
+    # Redirecting to itself lets one RESP2 connection both track and receive.
+    feed.send(
+        "CLIENT", "TRACKING", "ON", "REDIRECT", client_id, "BCAST", "PREFIX", keys.TRACKING_PREFIX
+    )
+    await feed.reply()
+    feed.send("SUBSCRIBE", keys.INVALIDATE_CHANNEL)
+    await feed.reply()
+    return feed
+
+
 async def listen(redis_url: str, cache: DashboardCache, max_backoff: float = 2.0) -> None:
     """Feed Redis's invalidation messages to ``cache`` for ever, reconnecting with backoff."""
     backoff = 0.05
     while True:
-        pool = aioredis.ConnectionPool.from_url(
-            redis_url, protocol=2, socket_keepalive=True, socket_connect_timeout=2
-        )
-        conn = None
+        feed: _Feed | None = None
         try:
-            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-            await conn.send_command("CLIENT", "ID")
-            client_id = await conn.read_response()
-            # Redirecting to itself lets one RESP2 connection both track and receive.
-            await conn.send_command(
-                "CLIENT",
-                "TRACKING",
-                "ON",
-                "REDIRECT",
-                client_id,
-                "BCAST",
-                "PREFIX",
-                keys.TRACKING_PREFIX,
-            )
-            await conn.read_response()
-            await conn.send_command("SUBSCRIBE", keys.INVALIDATE_CHANNEL)
-            await conn.read_response()
-            cache.set_live(True)
+            feed = await _open_feed(redis_url, cache)
+            cache.attach(feed.pending_bytes)
             backoff = 0.05
-            while True:
-                message = await conn.read_response(timeout=math.inf)  # idle is normal
-                if isinstance(message, list) and message[0] == b"message":
-                    cache.invalidate(message[2])
-        except (RedisError, OSError) as exc:
+            await feed.closed
+            log.warning("cache invalidation feed closed; serving from Redis meanwhile")
+        except (RedisError, OSError, TimeoutError) as exc:
             log.warning("cache invalidation feed lost (%s); serving from Redis meanwhile", exc)
         finally:
             cache.set_live(False)
-            if conn is not None:
-                await conn.disconnect()
-            await pool.aclose()
+            if feed is not None and feed.transport is not None:
+                feed.transport.close()
         await asyncio.sleep(backoff)
         backoff = min(backoff * 2, max_backoff)

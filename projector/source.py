@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from sqlalchemy import (
     ARRAY,
     BigInteger,
@@ -39,16 +40,15 @@ _EVENT_FIELDS = 9
 
 @dataclass(frozen=True)
 class Batch:
-    """One gap-safe slice of the change streams, already reduced by Postgres.
+    """One gap-safe slice of the change streams.
 
-    ``candidates`` holds, per current owner, only the batch's 12 most recent events: nothing
-    else in the batch can enter anyone's top 12. ``agents`` has the current row and the batch's
-    max seq of every agent with events in the slice, read in the same snapshot as the ranking.
+    ``agents`` has the current row and the slice's max seq of every agent with events in it.
+    The events themselves come from ``candidates``, in the same snapshot.
     """
 
     horizon: int
+    events_after: Position
     events_end: Position | None  # last (tx_id, seq) in the slice; None: no events
-    candidates: list[Event]
     agents: dict[int, tuple[AgentRow, int]]
     changes: list[tuple[int, int, str, int]]  # (tx_id, id, kind, entity_id)
     event_count: int = 0
@@ -98,14 +98,16 @@ def _in_slice(param: Callable[[str], str]) -> str:
     )
 
 
-def _ranked_events(
-    conn: Connection, after: Position, end: Position
-) -> tuple[list[Event], dict[int, tuple[AgentRow, int]], int]:
+def candidates(raw: psycopg.Connection[Any], batch: Batch) -> list[Event]:
+    """Per current owner, the slice's 12 most recent events: nothing else in the slice can
+    enter anyone's top 12. Run on the batch's connection, inside its snapshot."""
+    if batch.events_end is None:
+        return []
+    after, end = batch.events_after, batch.events_end
     params = {"x": after.xid, "n": after.n, "ex": end.xid, "en": end.n, "top": TOP_N}
-    in_slice = _in_slice(":{}".format)
     # Rank narrow rows (the sort moves only what ordering needs), then fetch the winners by
-    # ctid: a direct heap lookup, valid because the slice's rows are append-only and this
-    # runs inside one snapshot. Measured 2x faster than sorting the full rows.
+    # ctid: a direct heap lookup, stable within the snapshot since the rows are append-only.
+    # Measured 2x faster than sorting the full rows.
     ranked = (
         "select e.ctid from (select e.ctid, row_number() over (partition by a.owner_id"
         " order by e.created_at desc, e.seq desc) as rank"
@@ -113,44 +115,46 @@ def _ranked_events(
         + _in_slice("%({})s".format)
         + ") e where rank <= %(top)s"
     )
-    raw = conn.connection.driver_connection
-    assert raw is not None
     # Straight from the psycopg cursor: plain tuples, no per-row wrapper, on the hot path.
     with raw.cursor() as cur:
         cur.execute(
             f"select {_EVENT_COLUMNS} from audit_events e where e.ctid = any(array({ranked}))",
             params,
         )
-        candidates = [Event(*row[:_EVENT_FIELDS]) for row in cur]
-    agent_rows = conn.execute(
+        return [Event(*row[:_EVENT_FIELDS]) for row in cur]
+
+
+def _slice_agents(
+    conn: Connection, after: Position, end: Position
+) -> tuple[dict[int, tuple[AgentRow, int]], int]:
+    params = {"x": after.xid, "n": after.n, "ex": end.xid, "en": end.n}
+    rows = conn.execute(
         text(
             "select a.id, a.owner_id, a.name, m.height, m.events from"
             " (select e.agent_id, max(e.seq) as height, count(*) as events"
-            f" from audit_events e where {in_slice} group by e.agent_id) m"
+            f" from audit_events e where {_in_slice(':{}'.format)} group by e.agent_id) m"
             " join agents a on a.id = m.agent_id"
         ),
         params,
     )
     agents: dict[int, tuple[AgentRow, int]] = {}
     count = 0
-    for r in agent_rows:
+    for r in rows:
         agents[r.id] = (AgentRow(r.id, r.owner_id, r.name), r.height)
         count += r.events
-    return candidates, agents, count
+    return agents, count
 
 
 def read_batch(
     conn: Connection, events_after: Position, changes_after: Position, limit: int
 ) -> Batch:
     """Read the next slice below the horizon; ``conn`` must be in a REPEATABLE READ transaction,
-    so the ranking by owner and the agent rows come from one snapshot."""
+    so that ``candidates`` ranks by owner in the snapshot the agent rows come from."""
     # The ranking sorts a whole slice; keep it in memory rather than spilling to disk.
     conn.execute(text("set local work_mem = '256MB'"))
     h = horizon(conn)
     end = _events_end(conn, events_after, h, limit)
-    candidates, agents, count = (
-        ([], {}, 0) if end is None else _ranked_events(conn, events_after, end)
-    )
+    agents, count = ({}, 0) if end is None else _slice_agents(conn, events_after, end)
     change_rows = conn.execute(
         text(
             "select c.tx_id::text as tx, c.id, c.kind, c.entity_id from projector_entity_changes c "
@@ -161,8 +165,8 @@ def read_batch(
     ).all()
     return Batch(
         horizon=h,
+        events_after=events_after,
         events_end=end,
-        candidates=candidates,
         agents=agents,
         changes=[(int(r.tx), r.id, r.kind, r.entity_id) for r in change_rows],
         event_count=count,

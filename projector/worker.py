@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Collection
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 
@@ -28,7 +29,14 @@ from projector.rebuild import (
 from projector.records import AgentRow, Cursor, OwnerView, Position
 from projector.render import render_tail
 from projector.sink import Fenced, Head, Mode, Sink
-from projector.source import fetch_agents, fetch_users, horizon_and_xmax, owner_windows, read_batch
+from projector.source import (
+    candidates,
+    fetch_agents,
+    fetch_users,
+    horizon_and_xmax,
+    owner_windows,
+    read_batch,
+)
 from projector.wakeup import Wakeup
 
 log = logging.getLogger("projector")
@@ -95,17 +103,24 @@ class Projector:
                     a: row for a, (row, _) in batch.agents.items()
                 }
                 agents.update(fetch_agents(conn, log_agents - agents.keys()))
-                believed = self._agent_owners(head.gen, agents)
-                owners = {a.owner_id for a in agents.values() if a is not None}
-                views = self._views(head.gen, owners | set(believed.values()) | log_users)
+                raw = conn.connection.driver_connection
+                assert raw is not None
+                # Postgres ranks the slice while this thread loads state from Redis: the two
+                # waits overlap, and the connection is left to the ranking until it is done.
+                with ThreadPoolExecutor(max_workers=1) as pool:
+                    ranking = pool.submit(candidates, raw, batch)
+                    try:
+                        believed = self._agent_owners(head.gen, agents)
+                        owners = {a.owner_id for a in agents.values() if a is not None}
+                        views = self._views(head.gen, owners | set(believed.values()) | log_users)
+                    finally:
+                        events = ranking.result()
                 # User rows change only through the log; other owners need theirs only when
                 # the read model has never seen them.
                 users = fetch_users(conn, log_users | (owners - views.keys()))
         read_at = time.perf_counter()
         heights = {agent_id: height for agent_id, (_, height) in batch.agents.items()}
-        result = fold(
-            Loaded(views, believed, agents, users, head.height), batch.candidates, heights
-        )
+        result = fold(Loaded(views, believed, agents, users, head.height), events, heights)
         cursor = Cursor(
             batch.events_end or head.cursor.events,
             Position(batch.changes[-1][0], batch.changes[-1][1])
@@ -122,10 +137,10 @@ class Projector:
         done = time.perf_counter()
         log.info(
             "batch: %d events (%d candidates), %d entity changes -> %d owners written,"
-            " %d recomputed; read %.3fs (postgres %.3fs) fold %.3fs recompute %.3fs write %.3fs;"
+            " %d recomputed; read %.3fs (slice %.3fs) fold %.3fs recompute %.3fs write %.3fs;"
             " at seq %d",
             batch.event_count,
-            len(batch.candidates),
+            len(events),
             len(batch.changes),
             len(result.views),
             len(result.recompute),

@@ -14,9 +14,11 @@ from models import keys
 from scripts import platform_sim as p
 
 
-def _live_cache() -> DashboardCache:
+def _live_cache(unread: list[int] | None = None) -> DashboardCache:
+    """A cache fed by a (pretend) connection with ``unread[0]`` bytes not yet read."""
+    pending = unread if unread is not None else [0]
     cache = DashboardCache()
-    cache.set_live(True)
+    cache.attach(lambda: pending[0])
     return cache
 
 
@@ -63,11 +65,21 @@ def test_read_that_raced_an_invalidation_is_not_cached() -> None:
     assert cache.get("alice") is None
 
 
+def test_no_hit_while_the_feed_has_unread_bytes() -> None:
+    unread = [0]
+    cache = _live_cache(unread)
+    cache.put(cache.epoch, "alice", 3, 7, b"doc", b"tail")
+    unread[0] = 87  # an invalidation may be waiting in the socket
+    assert cache.get("alice") is None
+    unread[0] = 0
+    assert cache.get("alice") == b"doctail"
+
+
 def test_nothing_is_cached_without_the_invalidation_feed() -> None:
     cache = DashboardCache()
     cache.put(cache.epoch, "alice", 3, 7, b"doc", b"tail")
     assert cache.get("alice") is None
-    cache.set_live(True)
+    cache.attach(lambda: 0)
     cache.put(cache.epoch, "alice", 3, 7, b"doc", b"tail")
     cache.set_live(False)  # the feed dropped: messages may be lost from here on
     assert cache.get("alice") is None
@@ -97,10 +109,9 @@ def test_cached_answers_follow_writes_and_flushes(
     with engine.begin() as conn:
         _, seq = p.add_event(conn, agent)
     catch_up()
-    assert _wait(
-        lambda: api.get("/v1/users/cached/dashboard").json()["recent_events"][0]["seq"] == seq
-    )
+    # No waiting: once the write has returned, no answer may predate it.
+    assert api.get("/v1/users/cached/dashboard").json()["recent_events"][0]["seq"] == seq
     assert first["recent_events"][0]["seq"] < seq
     rclient.flushall()
-    assert _wait(lambda: api.get("/v1/users/cached/dashboard").status_code == 503, 2.0)
+    assert api.get("/v1/users/cached/dashboard").status_code == 503
     assert len(store.cache) == 0
