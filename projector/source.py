@@ -78,18 +78,6 @@ def horizon_and_xmax(conn: Connection) -> tuple[int, int]:
     return int(row.xmin), int(row.xmax)
 
 
-def _events_end(conn: Connection, after: Position, h: int, limit: int) -> Position | None:
-    row = conn.execute(
-        text(
-            "select tx::text, seq from (select e.tx_id as tx, e.seq from audit_events e"
-            f" where (e.tx_id, e.seq) > ({_XID.format(':x')}, :n) and e.tx_id < {_XID.format(':h')}"
-            " order by e.tx_id, e.seq limit :limit) r order by tx desc, seq desc limit 1"
-        ),
-        {"x": after.xid, "n": after.n, "h": h, "limit": limit},
-    ).one_or_none()
-    return None if row is None else Position(int(row.tx), row.seq)
-
-
 def _in_slice(param: Callable[[str], str]) -> str:
     """Events after (x, n) up to and including (ex, en), in the given placeholder style."""
     return (
@@ -124,25 +112,31 @@ def candidates(raw: psycopg.Connection[Any], batch: Batch) -> list[Event]:
         return [Event(*row[:_EVENT_FIELDS]) for row in cur]
 
 
-def _slice_agents(
-    conn: Connection, after: Position, end: Position
-) -> tuple[dict[int, tuple[AgentRow, int]], int]:
-    params = {"x": after.xid, "n": after.n, "ex": end.xid, "en": end.n}
+def _slice(
+    conn: Connection, after: Position, h: int, limit: int
+) -> tuple[Position | None, dict[int, tuple[AgentRow, int]], int]:
+    """The next slice's end, and its agents (current row, max seq); one pass over the slice."""
     rows = conn.execute(
         text(
-            "select a.id, a.owner_id, a.name, m.height, m.events from"
-            " (select e.agent_id, max(e.seq) as height, count(*) as events"
-            f" from audit_events e where {_in_slice(':{}'.format)} group by e.agent_id) m"
-            " join agents a on a.id = m.agent_id"
+            "with s as materialized (select e.tx_id, e.seq, e.agent_id from audit_events e"
+            f" where (e.tx_id, e.seq) > ({_XID.format(':x')}, :n) and e.tx_id < {_XID.format(':h')}"
+            " order by e.tx_id, e.seq limit :limit),"
+            " m as (select agent_id, max(seq) as height, count(*) as events from s"
+            " group by agent_id),"
+            " last as (select tx_id::text as tx, seq from s order by tx_id desc, seq desc limit 1)"
+            " select a.id, a.owner_id, a.name, m.height, m.events, l.tx, l.seq"
+            " from m join agents a on a.id = m.agent_id cross join last l"
         ),
-        params,
+        {"x": after.xid, "n": after.n, "h": h, "limit": limit},
     )
+    end = None
     agents: dict[int, tuple[AgentRow, int]] = {}
     count = 0
     for r in rows:
         agents[r.id] = (AgentRow(r.id, r.owner_id, r.name), r.height)
         count += r.events
-    return agents, count
+        end = Position(int(r.tx), r.seq)
+    return end, agents, count
 
 
 def read_batch(
@@ -153,8 +147,7 @@ def read_batch(
     # The ranking sorts a whole slice; keep it in memory rather than spilling to disk.
     conn.execute(text("set local work_mem = '256MB'"))
     h = horizon(conn)
-    end = _events_end(conn, events_after, h, limit)
-    agents, count = ({}, 0) if end is None else _slice_agents(conn, events_after, end)
+    end, agents, count = _slice(conn, events_after, h, limit)
     change_rows = conn.execute(
         text(
             "select c.tx_id::text as tx, c.id, c.kind, c.entity_id from projector_entity_changes c "
