@@ -26,6 +26,7 @@ import struct
 import termios
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 from urllib.parse import unquote, urlsplit
 
 import hiredis
@@ -133,11 +134,11 @@ class _Feed(asyncio.Protocol):
         self.reader = hiredis.Reader()
         self.replies: asyncio.Queue[object] = asyncio.Queue()
         self.closed = asyncio.get_running_loop().create_future()
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.WriteTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement the interface without subclassing asyncio's classes.
+        self.transport = cast(asyncio.WriteTransport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 
+import pytest
 import redis
+import uvloop
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
-from api.cache import DashboardCache
+from api.cache import DashboardCache, listen
 from models import keys
 from scripts import platform_sim as p
+from scripts.throwaway import RedisServer
 
 
 def _live_cache(unread: list[int] | None = None) -> DashboardCache:
@@ -115,3 +120,37 @@ def test_cached_answers_follow_writes_and_flushes(
     rclient.flushall()
     assert api.get("/v1/users/cached/dashboard").status_code == 503
     assert len(store.cache) == 0
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_feed_goes_live_and_evicts_on_both_event_loops(
+    loop: str, rclient: redis.Redis, redis_server: RedisServer
+) -> None:
+    """uvicorn runs on uvloop when it is installed, whose transports differ from asyncio's."""
+
+    async def scenario() -> tuple[bool, bytes | None, bytes | None]:
+        cache = DashboardCache()
+        feed = asyncio.create_task(listen(redis_server.url, cache))
+        try:
+            for _ in range(200):
+                if cache.live:
+                    break
+                await asyncio.sleep(0.01)
+            cache.put(cache.epoch, "alice", 3, 7, b"doc", b"tail")
+            hit = cache.get("alice")
+            rclient.set(keys.user_doc(3, 7), b"changed")
+            for _ in range(200):
+                if cache.get("alice") is None:
+                    break
+                await asyncio.sleep(0.01)
+            return cache.live, hit, cache.get("alice")
+        finally:
+            feed.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await feed
+
+    run = uvloop.run if loop == "uvloop" else asyncio.run
+    live, hit, after_write = run(scenario())
+    assert live
+    assert hit == b"doctail"
+    assert after_write is None
