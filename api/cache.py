@@ -135,10 +135,13 @@ class _Feed(asyncio.Protocol):
         self.replies: asyncio.Queue[object] = asyncio.Queue()
         self.closed = asyncio.get_running_loop().create_future()
         self.transport: asyncio.WriteTransport | None = None
+        self._fd = -1  # looked up once: a hit checks it on every request
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing asyncio's classes.
         self.transport = cast(asyncio.WriteTransport, transport)
+        sock = transport.get_extra_info("socket")
+        self._fd = -1 if sock is None else sock.fileno()
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -149,6 +152,7 @@ class _Feed(asyncio.Protocol):
                 self.replies.put_nowait(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._fd = -1
         self.cache.set_live(False)
         if not self.closed.done():
             self.closed.set_result(None)
@@ -169,10 +173,9 @@ class _Feed(asyncio.Protocol):
 
     def pending_bytes(self) -> int:
         """Bytes Redis has sent that the event loop has not read yet (FIONREAD)."""
-        sock = None if self.transport is None else self.transport.get_extra_info("socket")
-        if sock is None:
+        if self._fd < 0:
             return 1
-        buf = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        buf = fcntl.ioctl(self._fd, termios.FIONREAD, b"\0\0\0\0")
         return int(struct.unpack("i", buf)[0])
 
 
