@@ -284,11 +284,21 @@ def contrast_with_naive_feed(engine: Engine, body: dict[str, Any]) -> None:
     )
 
 
-def show_log(service: Service) -> None:
+def show_log(service: Service, batch_lines: int = 3) -> None:
+    """The log, with its one-line-per-batch INFO lines cut to the last few."""
+    lines = []
     for line in service.log.read_text(errors="replace").splitlines():
         # "2026-01-01 12:00:00,123 INFO projector message" -> "INFO projector message"
         parts = line.split(" ", 2)
-        note(parts[2] if len(parts) == 3 and parts[0][:2].isdigit() else line)
+        lines.append(parts[2] if len(parts) == 3 and parts[0][:2].isdigit() else line)
+    batches = [i for i, line in enumerate(lines) if line.startswith("INFO projector batch:")]
+    hidden = set(batches[:-batch_lines])
+    for i, line in enumerate(lines):
+        if i in hidden:
+            if i == batches[0]:
+                note(f"... ({len(hidden)} earlier batch lines) ...")
+            continue
+        note(line)
 
 
 # -- the story ---------------------------------------------------------------------------------
