@@ -8,7 +8,7 @@ heights are maxima, entity state is "current"), so applying a batch twice is har
 An owner who loses or gains an agent cannot be updated incrementally: the agent's whole history
 moves, and the owner's new top-12 may include events that were never in any stored window. Such
 owners are listed in ``recompute`` and re-read from Postgres by the edge, bounded by the batch's
-cursor (see source.recompute_owners).
+cursor (see source.owner_windows).
 """
 
 from __future__ import annotations
