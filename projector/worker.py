@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
+from functools import partial
+from typing import TypeVar
 
 import orjson
 import psycopg
@@ -42,6 +44,7 @@ from projector.wakeup import Wakeup
 log = logging.getLogger("projector")
 
 VIEW_CACHE_LIMIT = 200_000
+_V = TypeVar("_V")
 
 # What "the other side is unreachable for a while" looks like; anything else is a bug and ends
 # the worker loudly rather than retrying for ever.
@@ -157,18 +160,10 @@ class Projector:
     # so what it last wrote is what Redis holds: it keeps that in memory instead of reading
     # thousands of documents back for every batch. Any doubt (a fence, an error) forgets it.
     def _agent_owners(self, gen: int, agent_ids: Collection[int]) -> dict[int, int]:
-        known = {a: self._owner_cache[a] for a in agent_ids if a in self._owner_cache}
-        missing = [a for a in agent_ids if a not in known]
-        fetched = self.sink.agent_owners(gen, missing)
-        self._owner_cache.update(fetched)
-        return known | fetched
+        return _read_through(self._owner_cache, agent_ids, partial(self.sink.agent_owners, gen))
 
     def _views(self, gen: int, user_ids: Collection[int]) -> dict[int, OwnerView]:
-        known = {u: self._view_cache[u] for u in user_ids if u in self._view_cache}
-        missing = [u for u in user_ids if u not in known]
-        fetched = self.sink.views(gen, missing)
-        self._view_cache.update(fetched)
-        return known | fetched
+        return _read_through(self._view_cache, user_ids, partial(self.sink.views, gen))
 
     def _remember(self, result: FoldResult) -> None:
         if len(self._view_cache) > VIEW_CACHE_LIMIT:
@@ -298,6 +293,15 @@ class Projector:
         # horizon has passed that, all of it has been read.
         with self.engine.connect() as conn:
             return horizon_and_xmax(conn)[1]
+
+
+def _read_through(
+    cache: dict[int, _V], ids: Collection[int], load: Callable[[list[int]], dict[int, _V]]
+) -> dict[int, _V]:
+    known = {i: cache[i] for i in ids if i in cache}
+    fetched = load([i for i in ids if i not in known])
+    cache.update(fetched)
+    return known | fetched
 
 
 class _Outcome(Enum):
