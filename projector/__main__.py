@@ -10,9 +10,8 @@ import sys
 import threading
 from types import FrameType
 
-from sqlalchemy import create_engine
-
 from models.settings import get_projector_settings
+from projector.db import make_engine
 from projector.sink import connect
 from projector.worker import Projector
 
@@ -46,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     settings = get_projector_settings()
-    engine = create_engine(settings.database_url, pool_pre_ping=True, pool_size=2)
+    engine = make_engine(settings.database_url, pool_size=2)
     client = connect(settings.redis_url)
     stop = threading.Event()
     _install_signals(stop)

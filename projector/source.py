@@ -144,8 +144,6 @@ def read_batch(
 ) -> Batch:
     """Read the next slice below the horizon; ``conn`` must be in a REPEATABLE READ transaction,
     so that ``candidates`` ranks by owner in the snapshot the agent rows come from."""
-    # The ranking sorts a whole slice; keep it in memory rather than spilling to disk.
-    conn.execute(text("set local work_mem = '256MB'"))
     h = horizon(conn)
     end, agents, count = _slice(conn, events_after, h, limit)
     change_rows = conn.execute(

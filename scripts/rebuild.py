@@ -12,9 +12,8 @@ import sys
 import threading
 import time
 
-from sqlalchemy import create_engine
-
 from models.settings import get_projector_settings
+from projector.db import make_engine
 from projector.rebuild import collect_garbage, new_generation, snapshot_into, swap_in
 from projector.sink import Mode, Sink, connect
 from projector.worker import Projector
@@ -33,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(prog="scripts/rebuild.py", description=__doc__).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = get_projector_settings()
-    engine = create_engine(settings.database_url, pool_pre_ping=True)
+    engine = make_engine(settings.database_url)
     client = connect(settings.redis_url)
     started = time.monotonic()
     try:

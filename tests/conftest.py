@@ -15,6 +15,7 @@ from sqlalchemy.pool import NullPool
 
 from api.main import create_app
 from models.settings import ProjectorSettings, RedisSettings
+from projector.db import make_engine
 from projector.schema import init_schema
 from projector.worker import Projector
 from scripts.throwaway import PostgresServer, RedisServer, start_postgres, start_redis
@@ -68,7 +69,7 @@ def settings(db_url: str, redis_server: RedisServer) -> ProjectorSettings:
 
 @pytest.fixture
 def engine(settings: ProjectorSettings) -> Iterator[Engine]:
-    eng = create_engine(settings.database_url, pool_size=10)
+    eng = make_engine(settings.database_url, pool_size=10)
     yield eng
     eng.dispose()
 
