@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 import redis.asyncio as aioredis
-from fastapi import FastAPI, Path, Request
+from fastapi import Depends, FastAPI, Path, Request
+from fastapi.params import Depends as DependsParam
 from fastapi.responses import JSONResponse, Response
 
 from api.cache import DashboardCache, listen
+from api.errors import install_error_handlers
 from api.store import DashboardStore
 from models.dashboard import Dashboard, Problem
 from models.handles import HANDLE_PATTERN, handle_key
@@ -22,10 +25,25 @@ from models.settings import RedisSettings, get_redis_settings
 Handle = Annotated[str, Path(pattern=HANDLE_PATTERN, examples=["hizrianraz"])]
 
 
+def _access_control(conf: RedisSettings) -> tuple[list[DependsParam], dict[int | str, Any]]:
+    """The route's dependencies and extra documented answers: none while auth is off."""
+    if not conf.jwt_enabled:
+        return [], {}
+    from api.auth import OwnerAccess  # PyJWT is imported only when access control is on
+
+    challenge = {"WWW-Authenticate": {"schema": {"type": "string"}}}
+    return [Depends(OwnerAccess(conf))], {
+        401: {"model": Problem, "description": "No valid Bearer token", "headers": challenge},
+        403: {"model": Problem, "description": "The token is for another user"},
+    }
+
+
 def create_app(settings: RedisSettings | None = None) -> FastAPI:
+    conf = settings or get_redis_settings()
+    guards, auth_responses = _access_control(conf)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        conf = settings or get_redis_settings()
         client = aioredis.Redis.from_url(
             conf.redis_url, socket_timeout=2, socket_connect_timeout=2, retry_on_timeout=False
         )
@@ -45,7 +63,11 @@ def create_app(settings: RedisSettings | None = None) -> FastAPI:
                 await feed
             await client.aclose()
 
-    app = FastAPI(title="Audit-chain dashboards", version="0.1.0", lifespan=lifespan)
+    # No redirect to the slashed or unslashed twin of a path: an unknown path is a JSON 404.
+    app = FastAPI(
+        title="Audit-chain dashboards", version="0.1.0", lifespan=lifespan, redirect_slashes=False
+    )
+    install_error_handlers(app)
 
     @app.get(
         "/v1/users/{handle}/dashboard",
@@ -54,7 +76,9 @@ def create_app(settings: RedisSettings | None = None) -> FastAPI:
             404: {"model": Problem, "description": "No user has this handle"},
             422: {"description": "Malformed handle"},
             503: {"model": Problem, "description": "No read model to answer from yet"},
+            **auth_responses,
         },
+        dependencies=guards,
     )
     async def dashboard(handle: Handle, request: Request) -> Response:
         store: DashboardStore = request.app.state.store
@@ -75,4 +99,14 @@ def create_app(settings: RedisSettings | None = None) -> FastAPI:
     return app
 
 
-app = create_app()
+@functools.cache
+def _default_app() -> FastAPI:
+    return create_app()
+
+
+def __getattr__(name: str) -> FastAPI:
+    # ``uvicorn api.main:app`` builds the app from the environment on first access, so that
+    # importing this module reads no settings (and a test's create_app(settings) reads none).
+    if name == "app":
+        return _default_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
