@@ -26,7 +26,6 @@ from sqlalchemy import (
 
 from models.keys import TOP_N
 from models.tables import Agent, User
-from projector.fold import merge_top
 from projector.records import AgentRow, Event, Position, UserRow
 
 _XID = "cast(cast({} as text) as xid8)"
@@ -187,52 +186,78 @@ def _bigints(ids: list[int]) -> BindParameter[Sequence[int]]:
     return bindparam("ids", ids, type_=ARRAY(BigInteger))
 
 
-def agent_windows(
-    conn: Connection, agent_ids: Sequence[int], upto: Position
-) -> dict[int, tuple[list[Event], int]]:
-    """Per agent: its top-12 events and max seq among events at or below ``upto``.
-
-    One indexed probe per agent, so the cost follows the number of agents, not of events.
-    Events are immutable and carry their tx_id, so bounding by the cursor gives exactly what
-    the projector has applied, however far Postgres has moved on since.
-    """
-    params = {"ids": list(agent_ids), "x": upto.xid, "n": upto.n, "top": TOP_N}
-    bound = f"(e.tx_id, e.seq) <= ({_XID.format(':x')}, :n)"
-    out: dict[int, tuple[list[Event], int]] = {a: ([], 0) for a in agent_ids}
-    rows = conn.execute(
-        text(
-            f"select t.* from unnest(cast(:ids as bigint[])) as a(id) cross join lateral ("
-            f" select {_EVENT_COLUMNS} from audit_events e where e.agent_id = a.id and {bound}"
-            " order by e.created_at desc, e.seq desc limit :top) t"
-        ),
-        params,
-    )
-    for r in rows:
-        out[r.agent_id][0].append(_event(r))
-    heights = conn.execute(
-        text(
-            "select a.id, (select max(e.seq) from audit_events e"
-            f" where e.agent_id = a.id and {bound}) as height"
-            " from unnest(cast(:ids as bigint[])) as a(id)"
-        ),
-        params,
-    )
-    for r in heights:
-        if r.height is not None:
-            out[r.id] = (out[r.id][0], r.height)
-    return out
+_WINDOW_CHUNK = 2000  # agents per query: big enough to amortise the round trip
 
 
 def owner_windows(
     conn: Connection, agents_by_owner: Mapping[int, Iterable[int]], upto: Position
 ) -> dict[int, tuple[list[Event], int]]:
-    """Per owner: top-12 and chain height over the agents they own, events bounded by ``upto``."""
-    owner_of = {a: owner for owner, agents in agents_by_owner.items() for a in agents}
-    result: dict[int, tuple[list[Event], int]] = {owner: ([], 0) for owner in agents_by_owner}
-    ids = sorted(owner_of)
-    for start in range(0, len(ids), 2000):
-        for agent_id, (top, height) in agent_windows(conn, ids[start : start + 2000], upto).items():
-            owner = owner_of[agent_id]
-            old_top, old_height = result[owner]
-            result[owner] = (merge_top(old_top, top), max(old_height, height))
+    """Per owner: top-12 and chain height over the agents they own, events bounded by ``upto``.
+
+    Events are immutable and carry their tx_id, so bounding by the cursor gives exactly what the
+    projector has applied, however far Postgres has moved on since. The cost follows the number
+    of agents and owners, not of events: one index-only probe per agent, then the heap only for
+    each owner's winners.
+    """
+    result: dict[int, tuple[list[Event], int]] = {}
+    ids: list[int] = []
+    owners: list[int] = []
+    # Whole owners per query, so that Postgres can pick each owner's winners on its own.
+    for owner, agents in sorted(agents_by_owner.items()):
+        result[owner] = ([], 0)
+        for agent_id in agents:
+            ids.append(agent_id)
+            owners.append(owner)
+        if len(ids) >= _WINDOW_CHUNK:
+            _owner_chunk(conn, ids, owners, upto, result)
+            ids, owners = [], []
+    if ids:
+        _owner_chunk(conn, ids, owners, upto, result)
     return result
+
+
+def _owner_chunk(
+    conn: Connection,
+    ids: list[int],
+    owners: list[int],
+    upto: Position,
+    result: dict[int, tuple[list[Event], int]],
+) -> None:
+    params = {"ids": ids, "owners": owners, "x": upto.xid, "n": upto.n, "top": TOP_N}
+    bound = f"(e.tx_id, e.seq) <= ({_XID.format(':x')}, :n)"
+    pairs = "unnest(cast(:ids as bigint[]), cast(:owners as bigint[])) as u(id, owner)"
+    # Each agent's 12 newest sort keys come from the (agent_id, created_at, seq) index alone
+    # (tx_id is included for the bound); the owner's 12 best of those are the only rows read
+    # from the heap, found by seq through its unique index. ``= any(array(...))`` keeps the
+    # planner on that index: a plain join to the winners was planned as a sequential scan.
+    rows = conn.execute(
+        text(
+            f"with c as (select u.owner, k.created_at, k.seq from {pairs} cross join lateral ("
+            " select e.created_at, e.seq from audit_events e"
+            f" where e.agent_id = u.id and {bound}"
+            " order by e.created_at desc, e.seq desc limit :top) k),"
+            " w as materialized (select owner, seq from (select owner, seq, row_number() over"
+            " (partition by owner order by created_at desc, seq desc) as rank from c) r"
+            " where rank <= :top)"
+            f" select {_EVENT_COLUMNS}, w.owner from audit_events e join w on w.seq = e.seq"
+            " where e.seq = any(array(select seq from w))"
+        ),
+        params,
+    )
+    for r in rows:
+        result[r.owner][0].append(_event(r))
+    heights = conn.execute(
+        text(
+            f"select u.owner, max(h.height) as height from {pairs} cross join lateral ("
+            f" select max(e.seq) as height from audit_events e where e.agent_id = u.id and {bound}"
+            ") h group by u.owner"
+        ),
+        params,
+    )
+    for r in heights:
+        top = sorted(result[r.owner][0], key=_order_key, reverse=True)
+        result[r.owner] = (top, r.height or 0)
+
+
+def _order_key(e: Event) -> tuple[str, int]:
+    return e.order_key
