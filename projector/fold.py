@@ -14,7 +14,7 @@ cursor (see source.owner_windows).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from models.handles import handle_key, is_valid_handle
 from models.keys import TOP_N
@@ -124,7 +124,8 @@ def fold(loaded: Loaded, events: list[Event], heights: dict[int, int] | None = N
             heights[e.agent_id] = max(heights.get(e.agent_id, 0), e.seq)
     # Copies, so the caller's loaded state is left as it was.
     views = {
-        uid: replace(v, agents=dict(v.agents), top=list(v.top)) for uid, v in loaded.views.items()
+        uid: OwnerView(v.user_id, v.handle, v.display_name, dict(v.agents), list(v.top), v.height)
+        for uid, v in loaded.views.items()
     }
     out = FoldResult(global_height=loaded.global_height)
     _fold_users(loaded, views, out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 import orjson
 
@@ -46,8 +47,9 @@ class Cursor:
         return cls(pos, pos)
 
 
-@dataclass(frozen=True)
-class Event:
+class Event(NamedTuple):
+    # A tuple, not a dataclass: a backlog batch makes ~100k of these, straight from Postgres
+    # rows and stored documents, and a tuple is built several times faster.
     id: str
     seq: int
     event_type: str

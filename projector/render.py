@@ -9,6 +9,7 @@ The document ends with ``}}`` (closing chain_meta and the body) and the tail re-
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -16,6 +17,7 @@ import orjson
 from projector.records import Cursor, Event, OwnerView, iso_utc
 
 DOC_SPLICE = b"}}"
+_event_fields = itemgetter(*Event._fields)
 
 
 def _event_json(e: Event, agent_name: str) -> dict[str, Any]:
@@ -68,20 +70,7 @@ def render_tail(gen: int, cursor: Cursor, global_height: int, now: datetime | No
 
 def parse_doc(user_id: int, doc: bytes, agents: dict[int, str]) -> OwnerView:
     body = orjson.loads(doc)
-    top = [
-        Event(
-            id=e["id"],
-            seq=e["seq"],
-            event_type=e["event_type"],
-            agent_id=e["agent_id"],
-            model=e["model"],
-            provider=e["provider"],
-            hash=e["hash"],
-            prev_hash=e["prev_hash"],
-            created_at=e["created_at"],
-        )
-        for e in body["recent_events"]
-    ]
+    top = [Event(*_event_fields(e)) for e in body["recent_events"]]
     return OwnerView(
         user_id=user_id,
         handle=body["handle"],

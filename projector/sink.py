@@ -69,6 +69,17 @@ return 'ok'
 """
 
 
+# Per owner: its document (false when absent) and its agents hash as a flat list.
+_LOAD = """
+local out = {}
+for i = 1, #KEYS, 2 do
+    out[i] = redis.call('GET', KEYS[i])
+    out[i + 1] = redis.call('HGETALL', KEYS[i + 1])
+end
+return out
+"""
+
+
 def connect(url: str) -> redis.Redis:
     """The projector's Redis client.
 
@@ -87,6 +98,7 @@ class Sink:
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
         self._apply = client.register_script(_APPLY)
+        self._load = client.register_script(_LOAD)
 
     def current_generation(self) -> int | None:
         raw = self.r.get(keys.CURRENT)
@@ -105,16 +117,17 @@ class Sink:
         return {a: int(o) for a, o in zip(agent_ids, raw, strict=True) if o is not None}
 
     def views(self, gen: int, user_ids: list[int]) -> dict[int, OwnerView]:
-        pipe = self.r.pipeline(transaction=False)
+        # One script call, not a pipeline of two commands per owner: a cold backlog batch loads
+        # thousands of owners, and redis-py's per-command cost dominated the load.
+        key_list: list[str] = []
         for uid in user_ids:
-            pipe.get(keys.user_doc(gen, uid))
-            pipe.hgetall(keys.user_agents(gen, uid))
-        raw = pipe.execute()
+            key_list += [keys.user_doc(gen, uid), keys.user_agents(gen, uid)]
+        raw = self._load(keys=key_list) if key_list else []
         out: dict[int, OwnerView] = {}
         for i, uid in enumerate(user_ids):
             doc, agents = raw[2 * i], raw[2 * i + 1]
-            if doc is not None:
-                names = {int(a): n.decode() for a, n in agents.items()}
+            if doc:
+                names = {int(agents[j]): agents[j + 1].decode() for j in range(0, len(agents), 2)}
                 out[uid] = parse_doc(uid, doc, names)
         return out
 

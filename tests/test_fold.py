@@ -92,8 +92,8 @@ def test_iso_utc_keeps_microseconds_and_sorts_as_time_across_offsets() -> None:
     earlier_in_utc = T0
     assert iso_utc(later_in_ist) > iso_utc(earlier_in_utc)
     assert iso_utc(later_in_ist) == "2025-01-01T12:00:00.000001+00:00"
-    a = replace(ev(1, 0), created_at=iso_utc(later_in_ist))
-    b = replace(ev(2, 0), created_at=iso_utc(earlier_in_utc))
+    a = ev(1, 0)._replace(created_at=iso_utc(later_in_ist))
+    b = ev(2, 0)._replace(created_at=iso_utc(earlier_in_utc))
     assert seqs(merge_top([], [b, a])) == [1, 2]
 
 
