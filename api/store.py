@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
 from api.cache import DashboardCache
 from models import keys
+
+log = logging.getLogger("api.store")
 
 # Returns {0} no read model, {1} unknown handle, {3} half-present user (a rebuild or a flush
 # in progress), or {2, gen, uid, doc-without-its-closing, tail}: the API splices the last two.
@@ -40,9 +43,17 @@ class DashboardStore:
             return Lookup("found", cached)
         epoch = self.cache.epoch
         reply = await self._script(keys=[keys.CURRENT], args=[handle_lower])
-        code = int(reply[0])
+        try:
+            code = int(reply[0])
+            if code == 2:
+                gen, uid = int(reply[1]), int(reply[2])
+                prefix, tail = bytes(reply[3]), bytes(reply[4])
+        except (ValueError, TypeError, IndexError):
+            # Keys that are not what the projector writes (a generation or user id that is no
+            # number): no read model this API can answer from, rather than a 500.
+            log.warning("unreadable read model in Redis for handle %r", handle_lower[:64])
+            return Lookup("unavailable")
         if code == 2:
-            gen, uid, prefix, tail = int(reply[1]), int(reply[2]), bytes(reply[3]), bytes(reply[4])
             self.cache.put(epoch, handle_lower, gen, uid, prefix, tail)
             return Lookup("found", prefix + tail)
         if code == 1:
