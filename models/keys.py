@@ -6,6 +6,9 @@ by flipping one pointer):
     rm:current                      -> generation the API serves (absent: no read model, 503)
     rm:next-gen                     -> counter handing out generation numbers
     rm:generations                  -> set of generations that may still have keys (for GC)
+    rm:projector:heartbeat          -> the leading projector's last beat (expires)
+    rm:leader:token                 -> fencing token of the latest leader (counter)
+    rm:leader                       -> who leads: holder, token, since
     rm:g{g}:building                -> present while generation g is being built
     rm:g{g}:global                  -> hash: pos (cursor), height (global chain height), tail
     rm:g{g}:agent-owner             -> hash: agent id -> owner user id, the projector's routing
@@ -25,6 +28,10 @@ CURRENT = "rm:current"
 NEXT_GEN = "rm:next-gen"
 GENERATIONS = "rm:generations"
 HEARTBEAT = "rm:projector:heartbeat"
+# Leadership (projector/leader.py): the fencing-token counter every batch write checks, and who
+# holds the lease, for operators.
+LEADER_TOKEN = "rm:leader:token"
+LEADER = "rm:leader"
 
 GLOBAL_POS = "pos"
 GLOBAL_HEIGHT = "height"

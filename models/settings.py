@@ -132,6 +132,10 @@ class ProjectorSettings(RedisSettings):
     idle_poll_seconds: float = Field(default=0.5, gt=0)
     heartbeat_ttl_seconds: int = Field(default=15, ge=1)
     max_backoff_seconds: float = Field(default=5.0, gt=0)
+    # High availability (projector/leader.py): a frozen leader's lease ends after this long
+    # without a beat, and a standby tries for the lead this often; together they bound takeover.
+    leader_lease_seconds: float = Field(default=3.0, ge=0.5)
+    standby_poll_seconds: float = Field(default=0.5, gt=0)
 
     @field_validator("database_url")
     @classmethod

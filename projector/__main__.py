@@ -12,6 +12,7 @@ from types import FrameType
 
 from models.settings import get_projector_settings
 from projector.db import make_engine
+from projector.leader import Leadership
 from projector.sink import connect
 from projector.worker import Projector
 
@@ -49,11 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     client = connect(settings.redis_url)
     stop = threading.Event()
     _install_signals(stop)
-    projector = Projector(engine, client, settings)
+    leadership = Leadership(settings.database_url, client, settings.leader_lease_seconds)
+    projector = Projector(engine, client, settings, leadership=leadership)
     log.info("projector starting%s", " (until caught up)" if args.until_caught_up else "")
     try:
         projector.run(stop, until_caught_up=args.until_caught_up)
     finally:
+        leadership.release()
         engine.dispose()
         client.close()
     if projector.head is not None:

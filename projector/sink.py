@@ -32,6 +32,10 @@ class Fenced(Exception):
     """The write was refused: the generation or the cursor is not what this writer holds."""
 
 
+class Deposed(Fenced):
+    """The write was refused: another projector took the lead since this one's token."""
+
+
 @dataclass(frozen=True)
 class Head:
     gen: int
@@ -45,8 +49,9 @@ if ARGV[2] == 'live' then
 elseif redis.call('EXISTS', KEYS[3]) == 0 then
     return 'building'
 end
+if ARGV[7] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[7] then return 'leader' end
 if redis.call('HGET', KEYS[2], 'pos') ~= ARGV[3] then return 'position' end
-local i = 7
+local i = 8
 while i <= #ARGV do
     local op = ARGV[i]
     if op == 'S' then
@@ -139,7 +144,9 @@ class Sink:
         new: Cursor,
         result: FoldResult,
         tail: bytes,
+        token: int | None = None,
     ) -> None:
+        """Write one batch; ``token``, when given, must be the latest leader's fencing token."""
         args: list[str | bytes | int] = [
             gen,
             mode.value,
@@ -147,11 +154,15 @@ class Sink:
             new.encode(),
             result.global_height,
             tail,
+            "" if token is None else token,
             *batch_ops(gen, result),
         ]
         outcome = self._apply(
-            keys=[keys.CURRENT, keys.global_hash(gen), keys.building(gen)], args=args
+            keys=[keys.CURRENT, keys.global_hash(gen), keys.building(gen), keys.LEADER_TOKEN],
+            args=args,
         )
+        if outcome == b"leader":
+            raise Deposed("a newer leader holds the fencing token")
         if outcome != b"ok":
             raise Fenced(outcome.decode())
 

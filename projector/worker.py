@@ -21,6 +21,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from models import keys
 from models.settings import ProjectorSettings
 from projector.fold import FoldResult, Loaded, fold
+from projector.leader import Leadership
 from projector.rebuild import (
     BUILD_MARKER_TTL_SECONDS,
     collect_garbage,
@@ -30,7 +31,7 @@ from projector.rebuild import (
 )
 from projector.records import AgentRow, Cursor, OwnerView, Position
 from projector.render import render_tail
-from projector.sink import Fenced, Head, Mode, Sink
+from projector.sink import Deposed, Fenced, Head, Mode, Sink
 from projector.source import (
     candidates,
     fetch_agents,
@@ -73,12 +74,15 @@ class Projector:
         *,
         gen: int | None = None,
         mode: Mode = Mode.LIVE,
+        leadership: Leadership | None = None,
     ) -> None:
         self.engine = engine
         self.client = client
         self.sink = Sink(client)
         self.settings = settings
         self.mode = mode
+        self.leadership = leadership
+        self._standing_by = False
         self.head: Head | None = None
         self._fixed_gen = gen
         self._last_heartbeat = 0.0
@@ -134,7 +138,8 @@ class Projector:
         self._recompute(result, cursor)
         recomputed_at = time.perf_counter()
         tail = render_tail(head.gen, cursor, result.global_height)
-        self.sink.apply(head.gen, self.mode, head.cursor, cursor, result, tail)
+        token = self.leadership.token if self.leadership is not None else None
+        self.sink.apply(head.gen, self.mode, head.cursor, cursor, result, tail, token)
         self.head = Head(head.gen, cursor, result.global_height)
         self._remember(result)
         done = time.perf_counter()
@@ -247,21 +252,9 @@ class Projector:
         backoff = _Backoff(self.settings.max_backoff_seconds)
         try:
             while not stop.is_set():
-                try:
-                    outcome = self._once(until_caught_up)
-                    backoff.reset()
-                except Fenced as fenced:
-                    if self.mode is Mode.BUILDING:
-                        raise
-                    log.warning("write fenced (%s); reloading position from Redis", fenced)
-                    self._forget()
+                if not self._lead(stop):
                     continue
-                except TRANSIENT_ERRORS as exc:
-                    delay = backoff.next()
-                    log.warning("store unreachable (%s); retrying in %.2fs", _brief(exc), delay)
-                    self._forget()
-                    stop.wait(delay)
-                    continue
+                outcome = self._attempt(until_caught_up, backoff)
                 if outcome is _Outcome.DONE:
                     return
                 if outcome is _Outcome.IDLE:
@@ -272,6 +265,59 @@ class Projector:
         finally:
             if wakeup is not None:
                 wakeup.close()
+
+    def _attempt(self, until_caught_up: bool, backoff: _Backoff) -> _Outcome:
+        """One pass of the loop, with every recoverable failure turned into "go again"."""
+        try:
+            outcome = self._once(until_caught_up)
+        except Deposed as deposed:
+            self._stand_down(deposed)
+            return _Outcome.BUSY
+        except Fenced as fenced:
+            if self.mode is Mode.BUILDING:
+                raise
+            log.warning("write fenced (%s); reloading position from Redis", fenced)
+            self._forget()
+            return _Outcome.BUSY
+        except TRANSIENT_ERRORS as exc:
+            delay = backoff.next()
+            log.warning("store unreachable (%s); retrying in %.2fs", _brief(exc), delay)
+            self._forget()
+            self._stop.wait(delay)
+            return _Outcome.BUSY
+        backoff.reset()
+        return outcome
+
+    def _lead(self, stop: threading.Event) -> bool:
+        """True if this projector may write now; otherwise stand by for a while."""
+        lead = self.leadership
+        if lead is None or lead.held():
+            return True
+        try:
+            if lead.try_acquire():
+                self._standing_by = False
+                self._forget()  # whatever the last leader wrote is news to this one
+                return True
+        except TRANSIENT_ERRORS as exc:
+            log.warning("cannot contend for the lead (%s)", _brief(exc))
+        if not self._standing_by:
+            log.info("standing by: another projector leads")
+            self._standing_by = True
+        stop.wait(self.settings.standby_poll_seconds)
+        return False
+
+    def _stand_down(self, deposed: Deposed) -> None:
+        self._forget()
+        lead = self.leadership
+        if lead is not None and lead.confirm():
+            # The lease is still ours, so no one else leads: Redis lost the token counter
+            # (restarted empty). Take a fresh token and carry on.
+            lead.new_token()
+            log.warning("fencing token unknown to Redis; took a new one (%d)", lead.token)
+            return
+        log.warning("write refused (%s): another projector leads now; standing by", deposed)
+        if lead is not None:
+            lead.release()
 
     def _once(self, until_caught_up: bool) -> _Outcome:
         if until_caught_up and self._target is None:
