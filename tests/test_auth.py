@@ -22,6 +22,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from fastapi.testclient import TestClient
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 from sqlalchemy import Engine
 
@@ -452,3 +455,54 @@ def test_uvicorn_reads_the_settings_from_the_environment(engine, world, settings
             assert_dashboard(engine, response, world["alice"])
     finally:
         group.stop_all()
+
+
+# --- fuzz -------------------------------------------------------------------------------------
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=8,
+)
+_claim_names = ["sub", "exp", "nbf", "iat", "aud", "iss", "jti", "scope", "scp"]
+_header_names = ["alg", "typ", "kid", "crit", "b64", "jku", "x5u", "cty"]
+
+
+def _signed(header: Any, claims: Any, secret: bytes) -> str:
+    """Any JSON as header and claims, HS256-signed with the API's own secret by hand."""
+    import hashlib
+    import hmac
+
+    signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
+    signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{_b64(signature)}"
+
+
+def test_tokens_of_any_shape_are_answered_401_403_or_served(client_for, rclient) -> None:
+    """Correctly signed tokens with arbitrary headers and claims (wrong types, nesting, odd
+    algorithms), unsigned ones and random strings: never a 500, always a JSON answer."""
+    rclient.flushall()
+    api = client_for(dashboard_jwt_key=SECRET)
+    good_exp = int(time.time()) + 600
+    header = st.fixed_dictionaries(
+        {}, optional={n: _json | st.sampled_from(["HS256", "none", "RS256"]) for n in _header_names}
+    )
+    claims = st.fixed_dictionaries(
+        {},
+        optional={n: _json | st.sampled_from(["alice", good_exp, OPERATOR]) for n in _claim_names},
+    )
+    tokens = st.one_of(
+        st.builds(_signed, header | _json, claims | _json, st.just(SECRET.encode())),
+        st.builds(_signed, header, claims, st.binary(min_size=32, max_size=40)),
+        st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=60),
+    )
+
+    @hsettings(max_examples=300, deadline=None, database=None, derandomize=True)
+    @given(token=tokens)
+    def one(token: str) -> None:
+        response = api.get(PATH.format("alice"), headers=bearer(token))
+        assert response.status_code in (401, 403, 503), response.text
+        assert response.headers["content-type"] == "application/json"
+        assert isinstance(response.json()["detail"], str)
+
+    one()
