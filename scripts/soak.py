@@ -1,0 +1,300 @@
+"""Soak: live writers, the projector, the API under read load, and a fault every few seconds.
+
+    .venv/bin/python scripts/soak.py --minutes N [--seed S] [--fault-every SECONDS]
+                                     [--report PATH] [--json PATH] [--load-seconds 30]
+
+On its own throwaway Postgres and Redis (scripts/throwaway.py): seeds a platform (a noisy tenant,
+hundreds of users), then for N minutes runs writer threads (platform_sim's plain SQL: events,
+bursts, transfers, renames, handle changes, deletions, rollbacks, held-open transactions), the
+projector (``python -m projector``) and the API (``uvicorn api.main:app``) as real processes,
+reader threads against the API, and every ``--fault-every`` seconds (jittered +-25%) the next
+fault of the rotation: SIGKILL the projector and start a new one; kill Redis and restart it
+empty (the projector must notice and rebuild by itself); stop Postgres (fast, then immediate,
+alternately) and start it; run scripts/rebuild.py. Each fault must be recovered from: the API
+catches up past everything committed when the fault was over. The run lasts at least one full
+rotation.
+
+At the end the writers pause; once every user's answer equals the SQL of tests/oracle.py (the
+convergence time is reported), all of them are checked once more, and handles renamed away or
+deleted must answer 404. The projector's RSS is sampled every 0.5 s per process lifetime and
+must not grow (see scripts/soakkit/rss.py and report.py for the method and the limits); reads
+must never get a 5xx other than a 503, and a 503 only while Redis restarts. Then the API takes
+``--connections`` keep-alive connections for ``--load-seconds`` (scripts/soakkit/load.py).
+
+``--corrupt-at-end`` changes one character of one served document after convergence, behind
+the projector's back, to show the final check catches drift (the run must then exit 1).
+
+Exits 0 only when everything held, 1 otherwise; prints the report, and writes it as markdown
+with ``--report`` and as JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shlex
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a file, Python puts scripts/ on the path, not the repo
+    sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+from sqlalchemy import text  # noqa: E402
+from sqlalchemy.exc import DBAPIError  # noqa: E402
+
+from scripts.soakkit import check  # noqa: E402
+from scripts.soakkit.faults import Injector  # noqa: E402
+from scripts.soakkit.load import ensure_fds, hammer  # noqa: E402
+from scripts.soakkit.readers import Readers  # noqa: E402
+from scripts.soakkit.report import (  # noqa: E402
+    Memory,
+    SoakResult,
+    render,
+    verdict,
+    write_json,
+    write_markdown,
+)
+from scripts.soakkit.rss import Sampler, across_lifetimes, trend  # noqa: E402
+from scripts.soakkit.world import World, clock, events_in, say, soak_world  # noqa: E402
+from scripts.soakkit.writers import Writers  # noqa: E402
+
+WARMUP_S = 5.0
+PROJECTOR_ENV = {"IDLE_POLL_SECONDS": "0.2", "MAX_BACKOFF_SECONDS": "1.0"}
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="scripts/soak.py",
+        description=(__doc__ or "").split("\n\n")[0],
+        epilog="See the module's docstring for what is checked.",
+    )
+    arg = parser.add_argument
+    arg("--minutes", type=float, required=True, help="writers and faults run this long")
+    arg("--seed", type=int, default=1, help="seeds the data, the writers and the faults")
+    arg("--fault-every", type=float, default=8.0, help="seconds between faults (jittered)")
+    arg("--users", type=int, default=300, help="users seeded (default 300)")
+    arg("--events", type=int, default=20_000, help="events seeded (default 20,000)")
+    arg("--writers", type=int, default=3)
+    arg("--pace", type=float, default=0.05, help="mean pause between a writer's transactions")
+    arg("--readers", type=int, default=4)
+    arg("--read-rate", type=float, default=50.0, help="requests per second per reader")
+    arg("--recovery-timeout", type=float, default=120.0)
+    arg("--converge-timeout", type=float, default=120.0)
+    arg("--load-seconds", type=float, default=30.0, help="0 skips the connection load")
+    arg("--connections", type=int, default=500)
+    arg("--report", type=Path, help="write the report as markdown here")
+    arg("--json", type=Path, help="write the result as JSON here")
+    arg("--log-dir", type=Path, help="process logs (default: a new /tmp/soak-* directory)")
+    arg(
+        "--corrupt-at-end",
+        action="store_true",
+        help="corrupt one served document after convergence: the run must find it and exit 1",
+    )
+    args = parser.parse_args(argv)
+    if args.minutes < 0 or args.fault_every <= 0:
+        parser.error("--minutes must be >= 0 and --fault-every > 0")
+    args.command = shlex.join(["scripts/soak.py", *(sys.argv[1:] if argv is None else argv)])
+    return args
+
+
+class Ticker:
+    """The progress line: in place once a second on a terminal, a new line every 30 s if not."""
+
+    def __init__(self, line: Callable[[], str], refresh: Callable[[], None]) -> None:
+        self.line, self.refresh = line, refresh
+        self.tty = sys.stdout.isatty()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ticker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        if self.tty:
+            print(flush=True)
+
+    def _run(self) -> None:
+        ticks = 0
+        while not self._stop.wait(1.0):
+            ticks += 1
+            if ticks % 3 == 0:
+                self.refresh()
+            if self.tty:
+                print(f"\r{self.line()[:200]:<200}", end="", flush=True)
+            elif ticks % 30 == 0:
+                say(self.line())
+
+
+class Handles:
+    """Current handles, re-read from Postgres by the ticker (kept while Postgres is down)."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.current: list[str] = []
+        self.refresh()
+
+    def refresh(self) -> None:
+        try:
+            with self.world.engine.connect() as conn:
+                query = text("select handle from users order by id")
+                self.current = list(conn.execute(query).scalars())
+        except DBAPIError:
+            pass
+
+    def get(self) -> list[str]:
+        return self.current
+
+
+def soak(world: World, args: argparse.Namespace) -> SoakResult:
+    rng = random.Random(args.seed)
+    api = world.procs.api()
+    started = time.monotonic()
+    injector = Injector(
+        world, api, PROJECTOR_ENV, rng=rng, recovery_timeout=args.recovery_timeout, started=started
+    )
+    say("the projector builds the first read model")
+    if not injector.wait_served(args.recovery_timeout):
+        raise RuntimeError("the first read model was never served")
+    handles = Handles(world)
+    writers = Writers(world.engine, count=args.writers, seed=args.seed, pace_s=args.pace)
+    readers = Readers(
+        api.base_url,
+        handles.get,
+        lambda: injector.window,
+        threads=args.readers,
+        rate_per_thread=args.read_rate,
+        seed=args.seed,
+        started=started,
+    )
+    sampler = Sampler(injector.pids)
+
+    def line() -> str:
+        kinds = " ".join(
+            f"{k} {sum(f.kind == k for f in injector.faults)}"
+            for k in ("kill", "redis", "postgres", "rebuild")
+        )
+        failed = sum(not f.ok for f in injector.faults)
+        reads = " ".join(f"{s}:{n:,}" for s, n in sorted(readers.by_status().items()))
+        rss = sampler.latest_mib("projector")
+        return (
+            f"[soak {clock(time.monotonic() - started)}/{clock(args.minutes * 60)}]"
+            f" events +{writers.events_committed:,} | faults {kinds}"
+            f"{f' FAILED {failed}' if failed else ''} | reads {reads or '-'}"
+            f" | projector {f'{rss:.0f} MiB' if rss else '-'} | now: {injector.window}"
+        )
+
+    ticker = Ticker(line, handles.refresh)
+    for part in (writers, readers, sampler, ticker):
+        part.start()
+    say(f"soaking for {args.minutes:g} min, a fault every ~{args.fault_every:g}s")
+    soak_started = time.monotonic()
+    end = soak_started + args.minutes * 60
+    next_at = soak_started + args.fault_every * rng.uniform(0.75, 1.25)
+    while time.monotonic() < end or not injector.covered():
+        if time.monotonic() >= next_at:
+            injector.inject_next()
+            next_at = time.monotonic() + args.fault_every * rng.uniform(0.75, 1.25)
+        time.sleep(0.05)
+    soak_s = time.monotonic() - soak_started
+    ticker.stop()
+
+    say("writers pause; waiting for every answer to equal the SQL")
+    paused_at = time.monotonic()
+    if not writers.pause():
+        writers.errors.append("a writer did not pause within 60s")
+    want = check.oracle(world.engine)
+    with httpx.Client(base_url=api.base_url, timeout=10) as http:
+        converged = check.converge(http, want, args.converge_timeout)
+        converged_s = None if converged is None else time.monotonic() - paused_at
+        corrupted = check.corrupt_one(world.redis(), want) if args.corrupt_at_end else None
+        drift = check.drift(http, want)
+        stale = check.stale_handles(http, writers.gone_handles, want)
+    readers.stop()
+    sampler.stop()
+    writers.stop()
+    say(f"converged in {converged_s:.2f}s" if converged_s is not None else "never converged")
+    injector.check_projector()
+
+    load = None
+    if args.load_seconds > 0:
+        say(f"{args.connections} keep-alive connections for {args.load_seconds:g}s on the API")
+        paths = [f"/v1/users/{h}/dashboard" for h in list(want)[:50]]
+        load = hammer(
+            api.base_url,
+            paths,
+            connections=args.connections,
+            seconds=args.load_seconds,
+            pid=api.pid,
+        )
+        if not api.alive():
+            injector.unplanned_exits.append(f"the API exited ({api.popen.returncode})")
+    injector.close()
+
+    projector_lives = sampler.of("projector")
+    longest = max(projector_lives, key=lambda life: life.span, default=None)
+    api_lives = sampler.of("api")
+    memory = Memory(
+        lifetimes=len(projector_lives),
+        longest_s=longest.span if longest else 0.0,
+        longest=trend(longest.samples, WARMUP_S) if longest else None,
+        across=across_lifetimes(projector_lives, WARMUP_S),
+        api=trend(api_lives[0].samples, WARMUP_S) if api_lives else None,
+        warmup_s=WARMUP_S,
+    )
+    reads: dict[str, dict[int, int]] = {}
+    for (window, status), n in readers.snapshot().items():
+        reads.setdefault(window, {})[status] = n
+    return SoakResult(
+        command=args.command,
+        seed=args.seed,
+        soak_s=soak_s,
+        seeded_events=world.seeded_events,
+        events_written=events_in(world.engine) - world.seeded_events,
+        users_at_end=len(want),
+        writer_outcomes=dict(writers.outcomes),
+        writer_errors=writers.errors,
+        faults=injector.faults,
+        unplanned_exits=injector.unplanned_exits,
+        reads=reads,
+        read_problems=readers.problems,
+        converged_s=converged_s,
+        drift=drift,
+        stale=stale,
+        corrupted=corrupted,
+        memory=memory,
+        load=load,
+        log_dir=str(world.log_dir),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.load_seconds > 0:
+        ensure_fds(args.connections)  # before the API starts: it inherits the limit
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="soak-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    say(
+        f"throwaway Postgres and Redis; {args.users} users, {args.events:,} events; logs in"
+        f" {log_dir}"
+    )
+    with soak_world(log_dir, users=args.users, events=args.events, seed_=args.seed) as world:
+        result = soak(world, args)
+    result.failures = verdict(result)
+    print(render(result, full=len(result.faults) <= 24), flush=True)
+    if args.report:
+        write_markdown(result, args.report)
+    if args.json:
+        write_json(result, args.json)
+    return 1 if result.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
