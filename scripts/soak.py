@@ -14,12 +14,14 @@ alternately) and start it; run scripts/rebuild.py. Each fault must be recovered 
 catches up past everything committed when the fault was over. The run lasts at least one full
 rotation.
 
-At the end the writers pause; once every user's answer equals the SQL of tests/oracle.py (the
-convergence time is reported), all of them are checked once more, and handles renamed away or
-deleted must answer 404. The projector's RSS is sampled every 0.5 s per process lifetime and
-must not grow (see scripts/soakkit/rss.py and report.py for the method and the limits); reads
-must never get a 5xx other than a 503, and a 503 only while Redis restarts. Then the API takes
-``--connections`` keep-alive connections for ``--load-seconds`` (scripts/soakkit/load.py).
+Once the faults stop, the API takes ``--connections`` keep-alive connections for
+``--load-seconds`` while the writers go on (scripts/soakkit/load.py): every answer must be a 200
+(or a 404 for a handle renamed meanwhile) and the API's RSS must stay flat. Then the writers
+pause; once every user's answer equals the SQL of tests/oracle.py (the convergence time is
+reported), all of them are checked once more, and handles renamed away or deleted must answer
+404. The projector's RSS is sampled every 0.5 s per process lifetime and must not grow (see
+scripts/soakkit/rss.py and report.py for the method and the limits); reads must never get a 5xx
+other than a 503, and a 503 only while Redis restarts.
 
 ``--corrupt-at-end`` changes one character of one served document after convergence, behind
 the projector's back, to show the final check catches drift (the run must then exit 1).
@@ -35,9 +37,8 @@ import random
 import shlex
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,27 +46,20 @@ if str(ROOT) not in sys.path:  # run as a file, Python puts scripts/ on the path
     sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
-from sqlalchemy import text  # noqa: E402
-from sqlalchemy.exc import DBAPIError  # noqa: E402
 
 from scripts.soakkit import check  # noqa: E402
-from scripts.soakkit.faults import Injector  # noqa: E402
-from scripts.soakkit.load import ensure_fds, hammer  # noqa: E402
+from scripts.soakkit.faults import KINDS, NONE, Injector  # noqa: E402
+from scripts.soakkit.load import LoadResult, ensure_fds, hammer  # noqa: E402
+from scripts.soakkit.progress import Handles, Ticker  # noqa: E402
 from scripts.soakkit.readers import Readers  # noqa: E402
-from scripts.soakkit.report import (  # noqa: E402
-    Memory,
-    SoakResult,
-    render,
-    verdict,
-    write_json,
-    write_markdown,
-)
-from scripts.soakkit.rss import Sampler, across_lifetimes, trend  # noqa: E402
+from scripts.soakkit.report import SoakResult, render, verdict, write_json, write_markdown  # noqa: E402
+from scripts.soakkit.rss import Sampler, measure  # noqa: E402
 from scripts.soakkit.world import World, clock, events_in, say, soak_world  # noqa: E402
 from scripts.soakkit.writers import Writers  # noqa: E402
 
 WARMUP_S = 5.0
 PROJECTOR_ENV = {"IDLE_POLL_SECONDS": "0.2", "MAX_BACKOFF_SECONDS": "1.0"}
+LOAD = "load"  # the read window of the connection load
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -103,57 +97,34 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-class Ticker:
-    """The progress line: in place once a second on a terminal, a new line every 30 s if not."""
+@dataclass
+class Parts:
+    """Everything that runs during the soak besides the processes the injector owns."""
 
-    def __init__(self, line: Callable[[], str], refresh: Callable[[], None]) -> None:
-        self.line, self.refresh = line, refresh
-        self.tty = sys.stdout.isatty()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ticker", daemon=True)
+    world: World
+    args: argparse.Namespace
+    injector: Injector
+    handles: Handles
+    writers: Writers
+    readers: Readers
+    sampler: Sampler
+    started: float
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        if self.tty:
-            print(flush=True)
-
-    def _run(self) -> None:
-        ticks = 0
-        while not self._stop.wait(1.0):
-            ticks += 1
-            if ticks % 3 == 0:
-                self.refresh()
-            if self.tty:
-                print(f"\r{self.line()[:200]:<200}", end="", flush=True)
-            elif ticks % 30 == 0:
-                say(self.line())
+    def line(self) -> str:
+        faults = self.injector.faults
+        kinds = " ".join(f"{k} {sum(f.kind == k for f in faults)}" for k in KINDS)
+        failed = sum(not f.ok for f in faults)
+        reads = " ".join(f"{s}:{n:,}" for s, n in sorted(self.readers.by_status().items()))
+        rss = self.sampler.latest_mib("projector")
+        return (
+            f"[soak {clock(time.monotonic() - self.started)}/{clock(self.args.minutes * 60)}]"
+            f" events +{self.writers.events_committed:,} | faults {kinds}"
+            f"{f' FAILED {failed}' if failed else ''} | reads {reads or '-'}"
+            f" | projector {f'{rss:.0f} MiB' if rss else '-'} | now: {self.injector.window}"
+        )
 
 
-class Handles:
-    """Current handles, re-read from Postgres by the ticker (kept while Postgres is down)."""
-
-    def __init__(self, world: World) -> None:
-        self.world = world
-        self.current: list[str] = []
-        self.refresh()
-
-    def refresh(self) -> None:
-        try:
-            with self.world.engine.connect() as conn:
-                query = text("select handle from users order by id")
-                self.current = list(conn.execute(query).scalars())
-        except DBAPIError:
-            pass
-
-    def get(self) -> list[str]:
-        return self.current
-
-
-def soak(world: World, args: argparse.Namespace) -> SoakResult:
+def start(world: World, args: argparse.Namespace) -> Parts:
     rng = random.Random(args.seed)
     api = world.procs.api()
     started = time.monotonic()
@@ -164,7 +135,6 @@ def soak(world: World, args: argparse.Namespace) -> SoakResult:
     if not injector.wait_served(args.recovery_timeout):
         raise RuntimeError("the first read model was never served")
     handles = Handles(world)
-    writers = Writers(world.engine, count=args.writers, seed=args.seed, pace_s=args.pace)
     readers = Readers(
         api.base_url,
         handles.get,
@@ -174,83 +144,77 @@ def soak(world: World, args: argparse.Namespace) -> SoakResult:
         seed=args.seed,
         started=started,
     )
-    sampler = Sampler(injector.pids)
-
-    def line() -> str:
-        kinds = " ".join(
-            f"{k} {sum(f.kind == k for f in injector.faults)}"
-            for k in ("kill", "redis", "postgres", "rebuild")
-        )
-        failed = sum(not f.ok for f in injector.faults)
-        reads = " ".join(f"{s}:{n:,}" for s, n in sorted(readers.by_status().items()))
-        rss = sampler.latest_mib("projector")
-        return (
-            f"[soak {clock(time.monotonic() - started)}/{clock(args.minutes * 60)}]"
-            f" events +{writers.events_committed:,} | faults {kinds}"
-            f"{f' FAILED {failed}' if failed else ''} | reads {reads or '-'}"
-            f" | projector {f'{rss:.0f} MiB' if rss else '-'} | now: {injector.window}"
-        )
-
-    ticker = Ticker(line, handles.refresh)
-    for part in (writers, readers, sampler, ticker):
+    writers = Writers(world.engine, count=args.writers, seed=args.seed, pace_s=args.pace)
+    parts = Parts(world, args, injector, handles, writers, readers, Sampler(injector.pids), started)
+    for part in (writers, readers, parts.sampler):
         part.start()
+    return parts
+
+
+def faults(parts: Parts) -> float:
+    """The fault rotation for ``--minutes`` (at least one of each kind); its length in s."""
+    args = parts.args
+    rng = random.Random(args.seed + 1)
     say(f"soaking for {args.minutes:g} min, a fault every ~{args.fault_every:g}s")
-    soak_started = time.monotonic()
-    end = soak_started + args.minutes * 60
-    next_at = soak_started + args.fault_every * rng.uniform(0.75, 1.25)
-    while time.monotonic() < end or not injector.covered():
+    began = time.monotonic()
+    end = began + args.minutes * 60
+    next_at = began + args.fault_every * rng.uniform(0.75, 1.25)
+    while time.monotonic() < end or not parts.injector.covered():
         if time.monotonic() >= next_at:
-            injector.inject_next()
+            parts.injector.inject_next()
             next_at = time.monotonic() + args.fault_every * rng.uniform(0.75, 1.25)
         time.sleep(0.05)
-    soak_s = time.monotonic() - soak_started
-    ticker.stop()
+    return time.monotonic() - began
 
-    say("writers pause; waiting for every answer to equal the SQL")
-    paused_at = time.monotonic()
-    if not writers.pause():
-        writers.errors.append("a writer did not pause within 60s")
-    want = check.oracle(world.engine)
-    with httpx.Client(base_url=api.base_url, timeout=10) as http:
-        converged = check.converge(http, want, args.converge_timeout)
-        converged_s = None if converged is None else time.monotonic() - paused_at
-        corrupted = check.corrupt_one(world.redis(), want) if args.corrupt_at_end else None
-        drift = check.drift(http, want)
-        stale = check.stale_handles(http, writers.gone_handles, want)
-    readers.stop()
-    sampler.stop()
-    writers.stop()
-    say(f"converged in {converged_s:.2f}s" if converged_s is not None else "never converged")
-    injector.check_projector()
 
-    load = None
-    if args.load_seconds > 0:
-        say(f"{args.connections} keep-alive connections for {args.load_seconds:g}s on the API")
-        paths = [f"/v1/users/{h}/dashboard" for h in list(want)[:50]]
-        load = hammer(
+def load(parts: Parts) -> tuple[LoadResult | None, float]:
+    """The connection load, writers still on; and when it began (for the API's RSS series)."""
+    began = parts.sampler.elapsed()
+    args, api = parts.args, parts.injector.api
+    if args.load_seconds <= 0:
+        return None, began
+    say(f"{args.connections} keep-alive connections for {args.load_seconds:g}s, writers on")
+    paths = [f"/v1/users/{h}/dashboard" for h in parts.handles.get()[:50]]
+    parts.injector.window = LOAD
+    try:
+        result = hammer(
             api.base_url,
             paths,
             connections=args.connections,
             seconds=args.load_seconds,
             pid=api.pid,
+            ok=(200, 404),  # 404: a handle renamed away meanwhile
         )
-        if not api.alive():
-            injector.unplanned_exits.append(f"the API exited ({api.popen.returncode})")
-    injector.close()
+    finally:
+        parts.injector.window = NONE
+    if not api.alive():
+        parts.injector.unplanned_exits.append(f"the API exited ({api.popen.returncode})")
+    return result, began
 
-    projector_lives = sampler.of("projector")
-    longest = max(projector_lives, key=lambda life: life.span, default=None)
-    api_lives = sampler.of("api")
-    memory = Memory(
-        lifetimes=len(projector_lives),
-        longest_s=longest.span if longest else 0.0,
-        longest=trend(longest.samples, WARMUP_S) if longest else None,
-        across=across_lifetimes(projector_lives, WARMUP_S),
-        api=trend(api_lives[0].samples, WARMUP_S) if api_lives else None,
-        warmup_s=WARMUP_S,
-    )
+
+def finish(
+    parts: Parts, soak_s: float, load_result: LoadResult | None, api_until: float
+) -> SoakResult:
+    """Writers pause; convergence; the final check of every user; the result."""
+    args, world = parts.args, parts.world
+    say("writers pause; waiting for every answer to equal the SQL")
+    paused_at = time.monotonic()
+    if not parts.writers.pause():
+        parts.writers.errors.append("a writer did not pause within 60s")
+    want = check.oracle(world.engine)
+    with httpx.Client(base_url=parts.injector.api.base_url, timeout=10) as http:
+        converged = check.converge(http, want, args.converge_timeout)
+        converged_s = None if converged is None else time.monotonic() - paused_at
+        corrupted = check.corrupt_one(world.redis(), want) if args.corrupt_at_end else None
+        drift = check.drift(http, want)
+        stale = check.stale_handles(http, parts.writers.gone_handles, want)
+    say(f"converged in {converged_s:.2f}s" if converged_s is not None else "never converged")
+    for part in (parts.readers, parts.sampler, parts.writers):
+        part.stop()
+    parts.injector.check_projector()
+    parts.injector.close()
     reads: dict[str, dict[int, int]] = {}
-    for (window, status), n in readers.snapshot().items():
+    for (window, status), n in parts.readers.snapshot().items():
         reads.setdefault(window, {})[status] = n
     return SoakResult(
         command=args.command,
@@ -259,18 +223,18 @@ def soak(world: World, args: argparse.Namespace) -> SoakResult:
         seeded_events=world.seeded_events,
         events_written=events_in(world.engine) - world.seeded_events,
         users_at_end=len(want),
-        writer_outcomes=dict(writers.outcomes),
-        writer_errors=writers.errors,
-        faults=injector.faults,
-        unplanned_exits=injector.unplanned_exits,
+        writer_outcomes=dict(parts.writers.outcomes),
+        writer_errors=parts.writers.errors,
+        faults=parts.injector.faults,
+        unplanned_exits=parts.injector.unplanned_exits,
         reads=reads,
-        read_problems=readers.problems,
+        read_problems=parts.readers.problems,
         converged_s=converged_s,
         drift=drift,
         stale=stale,
         corrupted=corrupted,
-        memory=memory,
-        load=load,
+        memory=measure(parts.sampler, WARMUP_S, api_until),
+        load=load_result,
         log_dir=str(world.log_dir),
     )
 
@@ -286,7 +250,15 @@ def main(argv: list[str] | None = None) -> int:
         f" {log_dir}"
     )
     with soak_world(log_dir, users=args.users, events=args.events, seed_=args.seed) as world:
-        result = soak(world, args)
+        parts = start(world, args)
+        ticker = Ticker(parts.line, parts.handles.refresh)
+        ticker.start()
+        try:
+            soak_s = faults(parts)
+            load_result, api_until = load(parts)
+        finally:
+            ticker.stop()
+        result = finish(parts, soak_s, load_result, api_until)
     result.failures = verdict(result)
     print(render(result, full=len(result.faults) <= 24), flush=True)
     if args.report:

@@ -19,8 +19,8 @@ import pytest
 
 from scripts.soakkit.faults import Fault
 from scripts.soakkit.readers import TRANSPORT_ERROR
-from scripts.soakkit.report import Memory, SoakResult, verdict
-from scripts.soakkit.rss import Lifetime, across_lifetimes, trend
+from scripts.soakkit.report import SoakResult, verdict
+from scripts.soakkit.rss import Lifetime, Memory, across_lifetimes, trend
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = {"kill", "redis", "postgres", "rebuild"}
@@ -127,7 +127,7 @@ def clean_result(**changes: Any) -> SoakResult:
         drift={},
         stale={},
         corrupted=None,
-        memory=Memory(2, 30.0, None, None, None, 5.0),
+        memory=Memory(5.0, 2, 30.0, None, None, [], None),
         load=None,
         log_dir="/tmp/x",
     )
@@ -156,9 +156,9 @@ def test_memory_growth_fails_the_verdict_and_flat_memory_passes() -> None:
     flat_trend, growing_trend = trend(flat, 5.0), trend(growing, 5.0)
     assert flat_trend is not None and growing_trend is not None
     assert abs(flat_trend.growth_mib) < 1 and growing_trend.growth_mib > 50
-    memory = Memory(1, 100.0, flat_trend, None, None, 5.0)
+    memory = Memory(5.0, 1, 100.0, flat_trend, None, [], None)
     assert verdict(clean_result(memory=memory)) == []
-    memory = Memory(1, 100.0, growing_trend, None, None, 5.0)
+    memory = Memory(5.0, 1, 100.0, growing_trend, None, [], None)
     assert verdict(clean_result(memory=memory))[0].startswith("longest-lived projector: RSS grew")
     # Lifetimes that each start higher than the last: growth across restarts is caught too.
     lives = [
@@ -167,4 +167,4 @@ def test_memory_growth_fails_the_verdict_and_flat_memory_passes() -> None:
     ]
     across = across_lifetimes(lives, 5.0)
     assert across is not None and across.growth_mib > 100
-    assert verdict(clean_result(memory=Memory(10, 24.0, None, across, None, 5.0)))
+    assert verdict(clean_result(memory=Memory(5.0, 10, 24.0, None, across, [], None)))

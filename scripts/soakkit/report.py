@@ -12,7 +12,7 @@ from typing import Any
 from scripts.soakkit.faults import KINDS, LABELS, NONE, Fault
 from scripts.soakkit.load import LoadResult, summary
 from scripts.soakkit.readers import TRANSPORT_ERROR
-from scripts.soakkit.rss import Trend
+from scripts.soakkit.rss import Memory, Trend
 
 # The projector's RSS may grow this much (MiB, or this share of where it started, whichever is
 # more) from the first to the last fifth of a series: allocator noise and the caches filling,
@@ -23,16 +23,6 @@ RSS_SLACK_RATIO = 0.15
 
 def rss_limit(first_mib: float) -> float:
     return first_mib + max(RSS_SLACK_MIB, RSS_SLACK_RATIO * first_mib)
-
-
-@dataclass
-class Memory:
-    lifetimes: int
-    longest_s: float
-    longest: Trend | None  # the longest-lived projector, within its life
-    across: Trend | None  # each lifetime's steady median: first fifth vs last fifth of lifetimes
-    api: Trend | None  # the API, which lives through the whole soak
-    warmup_s: float
 
 
 @dataclass
@@ -141,7 +131,7 @@ def reads_table(reads: dict[str, dict[int, int]]) -> str:
     statuses = sorted({s for by in reads.values() for s in by})
     names = {TRANSPORT_ERROR: "no answer"}
     rows = []
-    for window in [NONE, *KINDS]:
+    for window in [NONE, *KINDS, "load"]:
         if window in reads:
             by = reads[window]
             rows.append([window, *(f"{by.get(s, 0):,}" for s in statuses), f"{sum(by.values()):,}"])
@@ -162,11 +152,25 @@ def _trend(found: Trend | None) -> str:
     )
 
 
+def _growths(values: list[float]) -> str:
+    if not values:
+        return "not measured (too few samples)"
+    return (
+        f"median {statistics.median(values):+.1f} MiB, max {max(values):+.1f} MiB"
+        f" (first fifth -> last fifth of each)"
+    )
+
+
 def memory_table(memory: Memory) -> str:
     rows = [
         ["projector, longest lifetime", f"{memory.longest_s:.0f}s alive", _trend(memory.longest)],
         ["projector, across lifetimes", f"{memory.lifetimes} lifetimes", _trend(memory.across)],
-        ["API (never restarted)", "whole soak", _trend(memory.api)],
+        [
+            "projector, each lifetime",
+            f"{len(memory.growth_mib)} measured",
+            _growths(memory.growth_mib),
+        ],
+        ["API (never restarted)", "until the load", _trend(memory.api)],
     ]
     return table(["process", "span", "median RSS, first fifth -> last fifth"], rows)
 

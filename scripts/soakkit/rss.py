@@ -77,6 +77,38 @@ def across_lifetimes(lives: list[Lifetime], warmup_s: float) -> Trend | None:
     return Trend(first, last, len(series), series[-1][0] - series[0][0])
 
 
+@dataclass
+class Memory:
+    """What the soak concludes about memory (see ``measure``)."""
+
+    warmup_s: float
+    lifetimes: int
+    longest_s: float
+    longest: Trend | None  # the longest-lived projector, within its own life
+    across: Trend | None  # each lifetime's steady median: first fifth vs last fifth of lifetimes
+    growth_mib: list[float]  # every measurable projector lifetime's own growth
+    api: Trend | None  # the API, never restarted, up to ``api_until``
+
+
+def measure(sampler: Sampler, warmup_s: float, api_until: float) -> Memory:
+    lives = sampler.of("projector")
+    longest = max(lives, key=lambda life: life.span, default=None)
+    trends = [t for life in lives if (t := trend(life.samples, warmup_s)) is not None]
+    api = sampler.of("api")
+    api_samples = (
+        [] if not api else [s for s in api[0].samples if api[0].started + s[0] <= api_until]
+    )
+    return Memory(
+        warmup_s=warmup_s,
+        lifetimes=len(lives),
+        longest_s=longest.span if longest else 0.0,
+        longest=trend(longest.samples, warmup_s) if longest else None,
+        across=across_lifetimes(lives, warmup_s),
+        growth_mib=[t.growth_mib for t in trends],
+        api=trend(api_samples, warmup_s),
+    )
+
+
 class Sampler:
     """A thread sampling the pids ``watched()`` names (name -> pid) every ``interval`` s."""
 
@@ -95,6 +127,9 @@ class Sampler:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._t0
 
     def of(self, name: str) -> list[Lifetime]:
         with self._lock:
