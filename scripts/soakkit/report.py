@@ -249,9 +249,25 @@ def render(result: SoakResult, *, full: bool) -> str:
     return "\n".join(parts)
 
 
+METHOD = f"""How memory is judged: the RSS of the projector and of the API is read from
+/proc/<pid>/status every 0.5 s. A SIGKILLed projector is replaced by a new process whose RSS
+starts low again, so every process lifetime is its own series, and its first 5 s are left out
+(start-up, and the state it loads). Three figures: (1) the longest-lived projector, the median
+of the last fifth of its samples against the median of the first fifth; (2) across lifetimes,
+each lifetime's median, the lifetimes started in the last fifth of the run against those of the
+first fifth, which catches growth that survives restarts or follows the data; (3) the growth of
+every lifetime on its own (reported, not judged). (1) and (2) fail the run when the later median
+exceeds the earlier by more than max({RSS_SLACK_MIB:.0f} MiB, {RSS_SLACK_RATIO:.0%}). With a fault
+every few seconds a projector lives about four fault intervals, so a leak that needs longer
+than that within one process to show is caught only by (2), if at all. The API is never
+restarted: its series runs from start-up to the connection load (reported, not judged; the
+load judges its own RSS)."""
+
+
 def write_markdown(result: SoakResult, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# Soak: `{result.command}`\n\n{render(result, full=True)}\n")
+    body = render(result, full=True)
+    path.write_text(f"# Soak: `{result.command}`\n\n{body}\n\n{METHOD}\n")
 
 
 def write_json(result: SoakResult, path: Path) -> None:
