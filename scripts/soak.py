@@ -54,7 +54,14 @@ from scripts.soakkit.progress import Handles, Ticker  # noqa: E402
 from scripts.soakkit.readers import Readers  # noqa: E402
 from scripts.soakkit.report import SoakResult, render, verdict, write_json, write_markdown  # noqa: E402
 from scripts.soakkit.rss import Sampler, measure  # noqa: E402
-from scripts.soakkit.world import World, clock, events_in, say, soak_world  # noqa: E402
+from scripts.soakkit.world import (  # noqa: E402
+    World,
+    clock,
+    code_state,
+    events_in,
+    say,
+    soak_world,
+)
 from scripts.soakkit.writers import Writers  # noqa: E402
 
 WARMUP_S = 5.0
@@ -236,6 +243,7 @@ def finish(
         memory=measure(parts.sampler, WARMUP_S, api_until),
         load=load_result,
         log_dir=str(world.log_dir),
+        code=code_state(),
     )
 
 

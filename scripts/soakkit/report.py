@@ -46,6 +46,7 @@ class SoakResult:
     memory: Memory
     load: LoadResult | None
     log_dir: str
+    code: str = ""
     failures: list[str] = field(default_factory=list)
 
 
@@ -182,6 +183,7 @@ def render(result: SoakResult, *, full: bool) -> str:
         [
             ["verdict", verdict_line],
             ["command", f"`{result.command}`"],
+            ["code", result.code],
             ["soak (writers and faults)", f"{result.soak_s:.0f}s, seed {result.seed}"],
             [
                 "events seeded / written live",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,24 @@ HERO = "hizrianraz"
 # which is how the soak sees the projector catching up after each fault.
 OBSERVER = "soak-observer"
 STARTED = time.monotonic()
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def code_state() -> str:
+    """The commit soaked, and whether the code the processes run differed from it."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False
+        )
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown (not a git checkout)"
+    changed = git("status", "--porcelain", "--", "projector", "api", "models", "scripts")
+    files = sorted({line.split(maxsplit=1)[1] for line in changed.splitlines() if line.strip()})
+    return f"{head} in {ROOT}" + (f", with local changes to {', '.join(files)}" if files else "")
 
 
 def clock(seconds: float) -> str:
