@@ -32,6 +32,7 @@ log = logging.getLogger("projector.leader")
 
 # Any constant works; it only has to be the same in every projector of one database.
 LOCK_KEY = 0x726D5F6C65616431  # "rm_lead1"
+LEASE_APPLICATION_NAME = "projector-lease"
 
 
 class Leadership:
@@ -58,6 +59,7 @@ class Leadership:
             self._dsn,
             autocommit=True,
             connect_timeout=5,
+            application_name=LEASE_APPLICATION_NAME,  # so operators can find it
             options=f"-c idle_session_timeout={timeout_ms}",
         )
         try:

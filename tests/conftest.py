@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from projector.schema import init_schema
 from projector.worker import Projector
 from scripts.throwaway import PostgresServer, RedisServer, start_postgres, start_redis
 from tests.oracle import expected, normalise
+from tests.procs import ProcGroup, proc_group
 
 TEMPLATE_DB = "projector_template"
 
@@ -118,3 +120,11 @@ def check_all(engine: Engine, api: TestClient) -> Callable[[], int]:
         return len(users)
 
     return run
+
+
+@pytest.fixture
+def procs(
+    db_url: str, redis_server: RedisServer, rclient: redis.Redis, tmp_path: Path
+) -> Iterator[ProcGroup]:
+    """Real processes (the projector, the API, scripts) against this test's database."""
+    yield from proc_group(tmp_path, db_url, redis_server.url)

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -171,3 +172,13 @@ class ProcGroup:
                 f"--- {proc.log_path.name} (pid {proc.pid}, {state}) ---\n{proc.log()[-tail:]}"
             )
         return "\n".join(parts)
+
+
+def proc_group(log_dir: Path, database_url: str, redis_url: str) -> Iterator[ProcGroup]:
+    """A fixture body: the group, stopped at teardown, its logs printed (shown on failure)."""
+    group = ProcGroup(log_dir, database_url, redis_url)
+    try:
+        yield group
+    finally:
+        group.stop_all()
+        print(group.report())

@@ -33,7 +33,7 @@ from scripts import platform_sim as p
 from scripts.throwaway import PostgresServer, RedisServer
 from tests.conftest import TEMPLATE_DB
 from tests.oracle import expected, normalise
-from tests.procs import Proc, ProcGroup
+from tests.procs import Proc, ProcGroup, proc_group
 
 BASE = datetime(2025, 3, 1, tzinfo=UTC)
 WINDOW_S = 7200  # created_at falls in [BASE, BASE + 2h), at whole seconds: plenty of ties
@@ -43,22 +43,6 @@ Want = dict[str, dict[str, Any]]
 
 
 # -- fixtures and the oracle ------------------------------------------------------------------
-def _group(log_dir: Path, database_url: str, redis_url: str) -> Iterator[ProcGroup]:
-    group = ProcGroup(log_dir, database_url, redis_url)
-    try:
-        yield group
-    finally:
-        group.stop_all()
-        print(group.report())  # pytest shows it when the test failed
-
-
-@pytest.fixture
-def procs(
-    db_url: str, redis_server: RedisServer, rclient: redis.Redis, tmp_path: Path
-) -> Iterator[ProcGroup]:
-    yield from _group(tmp_path, db_url, redis_server.url)
-
-
 @pytest.fixture
 def restartable_db(pg_server: PostgresServer) -> Iterator[str]:
     """Like conftest's db_url, but its teardown holds no pooled connection, so it survives a
@@ -88,7 +72,7 @@ def restartable_engine(restartable_db: str) -> Iterator[Engine]:
 def restartable_procs(
     restartable_db: str, redis_server: RedisServer, rclient: redis.Redis, tmp_path: Path
 ) -> Iterator[ProcGroup]:
-    yield from _group(tmp_path, restartable_db, redis_server.url)
+    yield from proc_group(tmp_path, restartable_db, redis_server.url)
 
 
 def still_waiting(deadline: float, proc: Proc, what: str) -> None:
