@@ -14,7 +14,8 @@ log = logging.getLogger("api.store")
 
 # Returns {0} no read model, {1} unknown handle, {3} half-present user (a rebuild or a flush
 # in progress), or {2, gen, uid, doc-without-its-closing, tail}: the API splices the last two.
-_READ = f"""
+# no-writes: it still answers when Redis is at maxmemory, and could run on a replica.
+_READ = f"""#!lua flags=no-writes
 local gen = redis.call('GET', KEYS[1])
 if not gen then return {{0}} end
 local uid = redis.call('GET', {keys.LUA_HANDLE_TEMPLATE})

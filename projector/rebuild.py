@@ -31,7 +31,7 @@ log = logging.getLogger("projector.rebuild")
 BUILD_MARKER_TTL_SECONDS = 120
 _WRITE_CHUNK = 500
 
-_SWAP = """
+_SWAP = """#!lua
 if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
 local old = redis.call('GET', KEYS[1])
 redis.call('SET', KEYS[1], ARGV[1])

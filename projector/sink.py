@@ -43,7 +43,9 @@ class Head:
     height: int
 
 
-_APPLY = """
+# The shebang (Redis 7) makes Redis refuse the whole script up front when it is at maxmemory,
+# instead of failing at the first write inside it and leaving the batch half applied.
+_APPLY = """#!lua
 if ARGV[2] == 'live' then
     if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 'generation' end
 elseif redis.call('EXISTS', KEYS[3]) == 0 then
@@ -75,7 +77,7 @@ return 'ok'
 
 
 # Per owner: its document (false when absent) and its agents hash as a flat list.
-_LOAD = """
+_LOAD = """#!lua flags=no-writes
 local out = {}
 for i = 1, #KEYS, 2 do
     out[i] = redis.call('GET', KEYS[i])

@@ -13,15 +13,20 @@ from functools import partial
 from typing import TypeVar
 
 import orjson
-import psycopg
 import redis
 from sqlalchemy import Engine
-from sqlalchemy.exc import DBAPIError, OperationalError
 
 from models import keys
 from models.settings import ProjectorSettings
 from projector.fold import FoldResult, Loaded, fold
 from projector.leader import Leadership
+from projector.policy import (
+    TRANSIENT_ERRORS,
+    Backoff,
+    BatchLimit,
+    brief,
+    is_statement_timeout,
+)
 from projector.rebuild import (
     BUILD_MARKER_TTL_SECONDS,
     collect_garbage,
@@ -46,17 +51,6 @@ log = logging.getLogger("projector")
 
 VIEW_CACHE_LIMIT = 200_000
 _V = TypeVar("_V")
-
-# What "the other side is unreachable for a while" looks like; anything else is a bug and ends
-# the worker loudly rather than retrying for ever.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    OperationalError,
-    DBAPIError,
-    psycopg.OperationalError,
-    redis.ConnectionError,
-    redis.TimeoutError,
-    redis.BusyLoadingError,
-)
 
 
 @dataclass(frozen=True)
@@ -88,6 +82,7 @@ class Projector:
         self._last_heartbeat = 0.0
         self._stop = threading.Event()
         self._target: int | None = None
+        self.batch_limit = BatchLimit(settings.batch_size)
         self._view_cache: dict[int, OwnerView] = {}
         self._owner_cache: dict[int, int] = {}
 
@@ -99,7 +94,7 @@ class Projector:
         with self.engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn:
             with conn.begin():
                 batch = read_batch(
-                    conn, head.cursor.events, head.cursor.changes, self.settings.batch_size
+                    conn, head.cursor.events, head.cursor.changes, self.batch_limit.value
                 )
                 if not batch.size:
                     return StepResult(0, batch.horizon)
@@ -249,7 +244,7 @@ class Projector:
         self._stop = stop
         self._target = None
         wakeup = None if until_caught_up else Wakeup(self.settings.database_url)
-        backoff = _Backoff(self.settings.max_backoff_seconds)
+        backoff = Backoff(self.settings.max_backoff_seconds)
         try:
             while not stop.is_set():
                 if not self._lead(stop):
@@ -266,7 +261,7 @@ class Projector:
             if wakeup is not None:
                 wakeup.close()
 
-    def _attempt(self, until_caught_up: bool, backoff: _Backoff) -> _Outcome:
+    def _attempt(self, until_caught_up: bool, backoff: Backoff) -> _Outcome:
         """One pass of the loop, with every recoverable failure turned into "go again"."""
         try:
             outcome = self._once(until_caught_up)
@@ -280,13 +275,34 @@ class Projector:
             self._forget()
             return _Outcome.BUSY
         except TRANSIENT_ERRORS as exc:
-            delay = backoff.next()
-            log.warning("store unreachable (%s); retrying in %.2fs", _brief(exc), delay)
             self._forget()
-            self._stop.wait(delay)
+            self._wait_out(exc, backoff)
             return _Outcome.BUSY
         backoff.reset()
+        self.batch_limit.succeeded()
         return outcome
+
+    def _wait_out(self, exc: BaseException, backoff: Backoff) -> None:
+        # Nothing of the failed batch was applied (the write is all or nothing), so the
+        # position in Redis is still where the batch started, and the batch is read again whole.
+        if is_statement_timeout(exc):
+            limit = self.batch_limit.shrink()
+            log.warning(
+                "Postgres cancelled the batch (%s); retrying it whole, at most %d events",
+                brief(exc),
+                limit,
+            )
+            return
+        delay = backoff.next()
+        if isinstance(exc, redis.OutOfMemoryError):
+            log.error(
+                "Redis is out of memory (maxmemory, noeviction policy): it refused the write,"
+                " nothing was applied; retrying in %.2fs",
+                delay,
+            )
+        else:
+            log.warning("store unreachable (%s); retrying in %.2fs", brief(exc), delay)
+        self._stop.wait(delay)
 
     def _lead(self, stop: threading.Event) -> bool:
         """True if this projector may write now; otherwise stand by for a while."""
@@ -299,7 +315,7 @@ class Projector:
                 self._forget()  # whatever the last leader wrote is news to this one
                 return True
         except TRANSIENT_ERRORS as exc:
-            log.warning("cannot contend for the lead (%s)", _brief(exc))
+            log.warning("cannot contend for the lead (%s)", brief(exc))
         if not self._standing_by:
             log.info("standing by: another projector leads")
             self._standing_by = True
@@ -354,20 +370,3 @@ class _Outcome(Enum):
     BUSY = "busy"  # more may be waiting: go again at once
     IDLE = "idle"  # caught up with the horizon: wait for a NOTIFY or the poll
     DONE = "done"  # --until-caught-up reached its target
-
-
-class _Backoff:
-    def __init__(self, ceiling: float) -> None:
-        self.ceiling = ceiling
-        self.reset()
-
-    def reset(self) -> None:
-        self.delay = self.ceiling / 64
-
-    def next(self) -> float:
-        delay, self.delay = self.delay, min(self.delay * 2, self.ceiling)
-        return delay
-
-
-def _brief(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
