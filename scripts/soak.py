@@ -1,7 +1,7 @@
 """Soak: live writers, the projector, the API under read load, and a fault every few seconds.
 
     .venv/bin/python scripts/soak.py --minutes N [--seed S] [--fault-every SECONDS]
-                                     [--report PATH] [--json PATH] [--load-seconds 30]
+        [--faults kill,redis,postgres,rebuild] [--report PATH] [--json PATH] [--load-seconds 30]
 
 On its own throwaway Postgres and Redis (scripts/throwaway.py): seeds a platform (a noisy tenant,
 hundreds of users), then for N minutes runs writer threads (platform_sim's plain SQL: events,
@@ -79,6 +79,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     arg("--minutes", type=float, required=True, help="writers and faults run this long")
     arg("--seed", type=int, default=1, help="seeds the data, the writers and the faults")
     arg("--fault-every", type=float, default=8.0, help="seconds between faults (jittered)")
+    arg(
+        "--faults",
+        default=",".join(KINDS),
+        help=f"the rotation, in order (default {','.join(KINDS)}); without kill one projector"
+        " lives through the whole soak, which makes its RSS series as long as the run",
+    )
     arg("--users", type=int, default=300, help="users seeded (default 300)")
     arg("--events", type=int, default=20_000, help="events seeded (default 20,000)")
     arg("--writers", type=int, default=3)
@@ -100,6 +106,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.minutes < 0 or args.fault_every <= 0:
         parser.error("--minutes must be >= 0 and --fault-every > 0")
+    args.faults = tuple(k.strip() for k in args.faults.split(",") if k.strip())
+    if not args.faults or set(args.faults) - set(KINDS):
+        parser.error(f"--faults takes a comma-separated list of {', '.join(KINDS)}")
     args.command = shlex.join(["scripts/soak.py", *(sys.argv[1:] if argv is None else argv)])
     return args
 
@@ -119,7 +128,7 @@ class Parts:
 
     def line(self) -> str:
         faults = self.injector.faults
-        kinds = " ".join(f"{k} {sum(f.kind == k for f in faults)}" for k in KINDS)
+        kinds = " ".join(f"{k} {sum(f.kind == k for f in faults)}" for k in self.args.faults)
         failed = sum(not f.ok for f in faults)
         reads = " ".join(f"{s}:{n:,}" for s, n in sorted(self.readers.by_status().items()))
         rss = self.sampler.latest_mib("projector")
@@ -136,7 +145,13 @@ def start(world: World, args: argparse.Namespace) -> Parts:
     api = world.procs.api()
     started = time.monotonic()
     injector = Injector(
-        world, api, PROJECTOR_ENV, rng=rng, recovery_timeout=args.recovery_timeout, started=started
+        world,
+        api,
+        PROJECTOR_ENV,
+        rng=rng,
+        recovery_timeout=args.recovery_timeout,
+        started=started,
+        kinds=args.faults,
     )
     say("the projector builds the first read model")
     if not injector.wait_served(args.recovery_timeout):
@@ -244,6 +259,7 @@ def finish(
         load=load_result,
         log_dir=str(world.log_dir),
         code=code_state(),
+        kinds=list(args.faults),
     )
 
 

@@ -53,8 +53,10 @@ class Injector:
         rng: random.Random,
         recovery_timeout: float,
         started: float,
+        kinds: tuple[str, ...] = KINDS,
     ) -> None:
         self.world = world
+        self.kinds = kinds
         self.api = api
         self.env = projector_env
         self.rng = rng
@@ -65,7 +67,7 @@ class Injector:
         self.window = NONE
         self.unplanned_exits: list[str] = []
         self._http = httpx.Client(base_url=api.base_url, timeout=10)
-        self._kinds = cycle(KINDS)
+        self._kinds = cycle(kinds)
         self._pg_modes = cycle(("fast", "immediate"))
 
     def close(self) -> None:
@@ -75,7 +77,7 @@ class Injector:
         return {"projector": self.projector.pid, "api": self.api.pid}
 
     def covered(self) -> bool:
-        return {f.kind for f in self.faults} >= set(KINDS)
+        return {f.kind for f in self.faults} >= set(self.kinds)
 
     # -- what the API serves, what Postgres holds -----------------------------------------------
     def served(self) -> tuple[int, int, int]:

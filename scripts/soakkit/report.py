@@ -47,6 +47,7 @@ class SoakResult:
     load: LoadResult | None
     log_dir: str
     code: str = ""
+    kinds: list[str] = field(default_factory=lambda: list(KINDS))  # the rotation (--faults)
     failures: list[str] = field(default_factory=list)
 
 
@@ -80,7 +81,7 @@ def verdict(result: SoakResult) -> list[str]:
         for i, f in enumerate(result.faults)
         if not f.ok
     ]
-    missing = set(KINDS) - {f.kind for f in result.faults}
+    missing = set(result.kinds) - {f.kind for f in result.faults}
     if missing:
         out.append(f"never injected: {sorted(missing)}")
     out += result.unplanned_exits + [f"writer failed: {e}" for e in result.writer_errors]
