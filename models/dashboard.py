@@ -40,6 +40,8 @@ class Projection(BaseModel):
     generation: int
     position: str
     applied_at: datetime
+    # Commit time of the newest change applied; null without Postgres's track_commit_timestamp.
+    committed_at: datetime | None = None
 
 
 class Dashboard(BaseModel):

@@ -51,13 +51,22 @@ def render_doc(view: OwnerView) -> bytes:
     return doc
 
 
-def render_tail(gen: int, cursor: Cursor, global_height: int, now: datetime | None = None) -> bytes:
+def render_tail(
+    gen: int,
+    cursor: Cursor,
+    global_height: int,
+    committed_at: datetime | None = None,
+    now: datetime | None = None,
+) -> bytes:
     projection = {
         "generation": gen,
         # Opaque to clients: the event stream's cursor (transaction id, seq); a string, since
         # after a rebuild the seq part is a 64-bit sentinel no JavaScript number holds.
         "position": f"{cursor.events.xid}:{cursor.events.n}",
         "applied_at": iso_utc(now or datetime.now(UTC)),
+        # When the newest change applied was committed in Postgres (None when Postgres does not
+        # track commit timestamps, and right after a rebuild).
+        "committed_at": None if committed_at is None else iso_utc(committed_at),
     }
     return (
         b',"global_chain_height":'

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -51,6 +52,9 @@ class Batch:
     agents: dict[int, tuple[AgentRow, int]]
     changes: list[tuple[int, int, str, int]]  # (tx_id, id, kind, entity_id)
     event_count: int = 0
+    # When the last transaction the batch applies committed (None without
+    # track_commit_timestamp): how fresh the read model is, for clients and for the lag metric.
+    committed_at: datetime | None = None
 
     @property
     def size(self) -> int:
@@ -113,7 +117,7 @@ def candidates(raw: psycopg.Connection[Any], batch: Batch) -> list[Event]:
 
 def _slice(
     conn: Connection, after: Position, h: int, limit: int
-) -> tuple[Position | None, dict[int, tuple[AgentRow, int]], int]:
+) -> tuple[Position | None, dict[int, tuple[AgentRow, int]], int, datetime | None]:
     """The next slice's end, and its agents (current row, max seq); one pass over the slice."""
     rows = conn.execute(
         text(
@@ -122,8 +126,10 @@ def _slice(
             " order by e.tx_id, e.seq limit :limit),"
             " m as (select agent_id, max(seq) as height, count(*) as events from s"
             " group by agent_id),"
-            " last as (select tx_id::text as tx, seq from s order by tx_id desc, seq desc limit 1)"
-            " select a.id, a.owner_id, a.name, m.height, m.events, l.tx, l.seq"
+            " last as (select tx_id::text as tx, seq, "
+            + _COMMIT_TIME.format("tx_id")
+            + " as committed from s order by tx_id desc, seq desc limit 1)"
+            " select a.id, a.owner_id, a.name, m.height, m.events, l.tx, l.seq, l.committed"
             " from m join agents a on a.id = m.agent_id cross join last l"
         ),
         {"x": after.xid, "n": after.n, "h": h, "limit": limit},
@@ -131,11 +137,13 @@ def _slice(
     end = None
     agents: dict[int, tuple[AgentRow, int]] = {}
     count = 0
+    committed = None
     for r in rows:
         agents[r.id] = (AgentRow(r.id, r.owner_id, r.name), r.height)
         count += r.events
         end = Position(int(r.tx), r.seq)
-    return end, agents, count
+        committed = r.committed
+    return end, agents, count, committed
 
 
 def read_batch(
@@ -144,7 +152,7 @@ def read_batch(
     """Read the next slice below the horizon; ``conn`` must be in a REPEATABLE READ transaction,
     so that ``candidates`` ranks by owner in the snapshot the agent rows come from."""
     h = horizon(conn)
-    end, agents, count = _slice(conn, events_after, h, limit)
+    end, agents, count, committed = _slice(conn, events_after, h, limit)
     change_rows = conn.execute(
         text(
             "select c.tx_id::text as tx, c.id, c.kind, c.entity_id from projector_entity_changes c "
@@ -153,14 +161,33 @@ def read_batch(
         ),
         {"x": changes_after.xid, "n": changes_after.n, "h": h, "limit": limit},
     ).all()
+    changes = [(int(r.tx), r.id, r.kind, r.entity_id) for r in change_rows]
+    if changes and (end is None or changes[-1][0] > end.xid):
+        committed = _commit_time(conn, changes[-1][0])
     return Batch(
         horizon=h,
         events_after=events_after,
         events_end=end,
         agents=agents,
-        changes=[(int(r.tx), r.id, r.kind, r.entity_id) for r in change_rows],
+        changes=changes,
         event_count=count,
+        committed_at=committed,
     )
+
+
+# Commit timestamps exist only with track_commit_timestamp = on; CASE keeps the call (which
+# would raise otherwise) from running when they do not.
+_COMMIT_TIME = (
+    "case when current_setting('track_commit_timestamp') = 'on'"
+    " then pg_xact_commit_timestamp(xid({})) end"
+)
+
+
+def _commit_time(conn: Connection, xid: int) -> datetime | None:
+    value: datetime | None = conn.execute(
+        text("select " + _COMMIT_TIME.format(_XID.format(":x"))), {"x": xid}
+    ).scalar_one()
+    return value
 
 
 def fetch_agents(conn: Connection, ids: Iterable[int]) -> dict[int, AgentRow | None]:

@@ -132,7 +132,7 @@ class Projector:
         folded_at = time.perf_counter()
         self._recompute(result, cursor)
         recomputed_at = time.perf_counter()
-        tail = render_tail(head.gen, cursor, result.global_height)
+        tail = render_tail(head.gen, cursor, result.global_height, batch.committed_at)
         token = self.leadership.token if self.leadership is not None else None
         self.sink.apply(head.gen, self.mode, head.cursor, cursor, result, tail, token)
         self.head = Head(head.gen, cursor, result.global_height)

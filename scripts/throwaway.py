@@ -60,7 +60,7 @@ class PostgresServer:
         opts = (
             f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.data_dir}"
             " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-            " -c max_connections=300 -c shared_buffers=256MB"
+            " -c max_connections=300 -c shared_buffers=256MB -c track_commit_timestamp=on"
         )
         self._ctl("-o", opts, "-l", str(self.data_dir / "server.log"), "start")
         _wait_port(self.port)
