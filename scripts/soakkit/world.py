@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,7 +52,8 @@ def clock(seconds: float) -> str:
 
 
 def say(line: str) -> None:
-    print(f"[soak {clock(time.monotonic() - STARTED)}] {line}", flush=True)
+    clear = "\r\033[K" if sys.stdout.isatty() else ""  # over the progress line, if any
+    print(f"{clear}[soak {clock(time.monotonic() - STARTED)}] {line}", flush=True)
 
 
 @dataclass
