@@ -23,6 +23,8 @@ from models.handles import HANDLE_PATTERN, handle_key
 from models.settings import RedisSettings, get_redis_settings
 
 Handle = Annotated[str, Path(pattern=HANDLE_PATTERN, examples=["hizrianraz"])]
+# Redis connections per API process; more requests than this wait (up to 2 s) for one.
+REDIS_POOL_SIZE = 64
 
 
 def _access_control(conf: RedisSettings) -> tuple[list[DependsParam], dict[int | str, Any]]:
@@ -44,9 +46,18 @@ def create_app(settings: RedisSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = aioredis.Redis.from_url(
-            conf.redis_url, socket_timeout=2, socket_connect_timeout=2, retry_on_timeout=False
+        # A blocking pool: a burst of cache misses (every invalidation sends all requests in
+        # flight to Redis at once) waits for a connection instead of failing. redis-py's default
+        # pool raises once 100 are in use, which answered 503 to most of 500 connections.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            conf.redis_url,
+            max_connections=REDIS_POOL_SIZE,
+            timeout=2,
+            socket_timeout=2,
+            socket_connect_timeout=2,
+            retry_on_timeout=False,
         )
+        client = aioredis.Redis(connection_pool=pool)
         cache = DashboardCache()
         app.state.store = DashboardStore(client, cache)
         app.state.retry_after = str(conf.retry_after_seconds)
@@ -62,6 +73,7 @@ def create_app(settings: RedisSettings | None = None) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await feed
             await client.aclose()
+            await pool.disconnect()  # a pool passed in is not closed by the client
 
     # No redirect to the slashed or unslashed twin of a path: an unknown path is a JSON 404.
     app = FastAPI(
