@@ -32,6 +32,7 @@ from urllib.parse import unquote, urlsplit
 import hiredis
 from redis.exceptions import RedisError
 
+from api.freshness import Served, Tail, parse_tail
 from models import keys
 
 log = logging.getLogger("api.cache")
@@ -39,11 +40,14 @@ log = logging.getLogger("api.cache")
 MAX_ENTRIES = 200_000
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Entry:
     prefix: bytes
     doc_key: bytes
     handle_key: bytes
+    # The answer last built from this document, and the tail it was built with: rebuilt (bytes,
+    # ETag, headers) only on the first hit after the tail changed.
+    served: Served | None = None
 
 
 class DashboardCache:
@@ -51,38 +55,68 @@ class DashboardCache:
         self.live = False
         self._unread: Callable[[], int] = lambda: 1
         self.epoch = 0
-        self.tail: bytes | None = None
+        self.tail: Tail | None = None
         self.tail_key: bytes | None = None
         self.gen: int | None = None
         self._docs: dict[str, _Entry] = {}
         self._by_key: dict[bytes, str] = {}
+        self._last_tail: Tail | None = None  # the latest tail parsed, cached or not
+        self.feed_connects = 0  # times the invalidation feed went live (metrics)
+        # Called with every message's changed keys (None: everything may have changed, as on
+        # FLUSHALL or when the feed drops or comes back); api/changes.py wakes its waiters.
 
-    def get(self, handle_lower: str) -> bytes | None:
-        if not self.live or self.tail is None or self._unread():
+    def served(self, handle_lower: str) -> Served | None:
+        """The cached answer for a handle (bytes, ETag, headers), or None: ask Redis."""
+        tail = self.tail
+        if not self.live or tail is None or self._unread():
             return None
         entry = self._docs.get(handle_lower)
-        return None if entry is None else entry.prefix + self.tail
+        if entry is None:
+            return None
+        served = entry.served
+        if served is None or served.tail is not tail:
+            served = entry.served = Served.build(entry.prefix, tail)
+        return served
+
+    def get(self, handle_lower: str) -> bytes | None:
+        served = self.served(handle_lower)
+        return None if served is None else served.body
+
+    def parse_tail(self, raw: bytes) -> Tail:
+        """The tail's parsed form, parsed only when its bytes are new."""
+        for known in (self.tail, self._last_tail):
+            if known is not None and known.raw == raw:
+                return known
+        self._last_tail = parse_tail(raw)
+        return self._last_tail
 
     def put(
         self, epoch: int, handle_lower: str, gen: int, uid: int, prefix: bytes, tail: bytes
-    ) -> None:
+    ) -> Served:
+        """The answer a read from Redis makes; cached when no invalidation raced the read."""
+        parsed = self.parse_tail(tail)
+        served = Served.build(prefix, parsed)
         if not self.live or epoch != self.epoch:
-            return
+            return served
         if self.gen != gen:
             self._clear()
             self.gen = gen
         if len(self._docs) >= MAX_ENTRIES:
             self._clear()
             self.gen = gen
-        self.tail, self.tail_key = tail, keys.global_hash(gen).encode()
+        self.tail, self.tail_key = parsed, keys.global_hash(gen).encode()
         entry = _Entry(
-            prefix, keys.user_doc(gen, uid).encode(), keys.handle(gen, handle_lower).encode()
+            prefix,
+            keys.user_doc(gen, uid).encode(),
+            keys.handle(gen, handle_lower).encode(),
+            served,
         )
         self._drop(handle_lower)
         self._docs[handle_lower] = entry
         self._by_key[entry.doc_key] = handle_lower
         self._by_key[entry.handle_key] = handle_lower
 
+        return served
     def invalidate(self, changed: list[bytes] | None) -> None:
         self.epoch += 1
         if changed is None:  # FLUSHALL / FLUSHDB
@@ -105,6 +139,7 @@ class DashboardCache:
         self.set_live(True)
 
     def set_live(self, live: bool) -> None:
+        self.feed_connects += 1
         self.epoch += 1
         self.live = live
         self._clear()

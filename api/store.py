@@ -6,8 +6,11 @@ import logging
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+from starlette.responses import Response
 
 from api.cache import DashboardCache
+from api.freshness import Served
 from models import keys
 
 log = logging.getLogger("api.store")
@@ -27,23 +30,60 @@ return {{2, gen, uid, string.sub(doc, 1, -3), tail}}
 """
 
 
-@dataclass(frozen=True)
+# For /readyz: {current generation or '', 1 if its global hash exists else 0, heartbeat or ''}.
+_READY = f"""#!lua flags=no-writes
+local gen = redis.call('GET', KEYS[1])
+local built = 0
+if gen then built = redis.call('EXISTS', {keys.LUA_GLOBAL_TEMPLATE}) end
+return {{gen or '', built, redis.call('GET', KEYS[2]) or ''}}
+"""
+
+
+@dataclass(frozen=True, slots=True)
 class Lookup:
     status: str  # "found", "unknown", "unavailable"
-    body: bytes = b""
+    served: Served | None = None  # when found: the bytes, their ETag and headers
+
+    @property
+    def body(self) -> bytes:
+        return b"" if self.served is None else self.served.body
+
+    def response(self, if_none_match: str | None = None) -> Response:
+        """The found answer: a 200, or a 304 when ``If-None-Match`` names it."""
+        assert self.served is not None
+        return self.served.response(if_none_match)
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    generation: bytes | None  # rm:current, None when unset
+    built: bool  # the generation's global hash (cursor, tail) exists
+    heartbeat: bytes | None  # rm:projector:heartbeat, None when absent (expired)
 
 
 class DashboardStore:
     def __init__(self, client: aioredis.Redis, cache: DashboardCache) -> None:
+        self.client = client
         self._script = client.register_script(_READ)
+        self._ready = client.register_script(_READY)
         self.cache = cache
+        # Plain counts, read by api/metrics.py at scrape time: nothing but an add per request.
+        self.hits = 0
+        self.misses = 0
+        self.redis_errors = 0
 
     async def dashboard(self, handle_lower: str) -> Lookup:
-        cached = self.cache.get(handle_lower)
-        if cached is not None:
-            return Lookup("found", cached)
+        served = self.cache.served(handle_lower)
+        if served is not None:
+            self.hits += 1
+            return Lookup("found", served)
+        self.misses += 1
         epoch = self.cache.epoch
-        reply = await self._script(keys=[keys.CURRENT], args=[handle_lower])
+        try:
+            reply = await self._script(keys=[keys.CURRENT], args=[handle_lower])
+        except RedisError:
+            self.redis_errors += 1
+            raise
         try:
             code = int(reply[0])
             if code == 2:
@@ -55,8 +95,19 @@ class DashboardStore:
             log.warning("unreadable read model in Redis for handle %r", handle_lower[:64])
             return Lookup("unavailable")
         if code == 2:
-            self.cache.put(epoch, handle_lower, gen, uid, prefix, tail)
-            return Lookup("found", prefix + tail)
+            if not self.cache.parse_tail(tail).ok:
+                log.warning("unreadable projection tail in Redis (generation %d)", gen)
+                return Lookup("unavailable")
+            return Lookup("found", self.cache.put(epoch, handle_lower, gen, uid, prefix, tail))
         if code == 1:
             return Lookup("unknown")
         return Lookup("unavailable")
+
+    async def readiness(self) -> Readiness:
+        """What /readyz needs, in one round trip (raises RedisError when Redis is unreachable)."""
+        try:
+            gen, built, beat = await self._ready(keys=[keys.CURRENT, keys.HEARTBEAT])
+        except RedisError:
+            self.redis_errors += 1
+            raise
+        return Readiness(bytes(gen) or None, int(built) == 1, bytes(beat) or None)
