@@ -118,6 +118,8 @@ class ProcGroup:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
             "PYTHONUNBUFFERED": "1",
             "LOG_LEVEL": "INFO",
+            # Several projectors may run at once; a test that scrapes metrics picks a free port.
+            "METRICS_PORT": "0",
         }
         self.procs: list[Proc] = []
 

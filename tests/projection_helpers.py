@@ -117,6 +117,28 @@ def wait_until(check: Callable[[], object], what: str, timeout: float = DEADLINE
     raise AssertionError(f"{what}: still wrong after {timeout}s: {last!r}"[:6000])
 
 
+def wait_for(check: Callable[[], object], what: str, timeout: float = DEADLINE_SECONDS) -> float:
+    """Poll ``check`` until it returns something truthy; return seconds waited."""
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < timeout, f"still waiting for {what}"
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def all_agree(check_all: Callable[[], int]) -> Callable[[], str | None]:
+    """For wait_until: None once every user's answer equals the SQL, else the last difference."""
+
+    def check() -> str | None:
+        try:
+            check_all()
+        except AssertionError as exc:
+            return str(exc)
+        return None
+
+    return check
+
+
 def answer(api: TestClient, handle: str) -> tuple[int, dict[str, Any] | None]:
     response = api.get(f"/v1/users/{handle}/dashboard")
     return response.status_code, response.json() if response.status_code == 200 else None

@@ -18,26 +18,8 @@ from sqlalchemy import Engine, text
 from models import keys
 from projector.db import APPLICATION_NAME
 from tests.procs import ProcGroup
-from tests.projection_helpers import dump_live_generation
+from tests.projection_helpers import all_agree, dump_live_generation, wait_until
 from tests.test_faults import bulk_events, seed
-
-
-def wait_for(check: Callable[[], object], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"still waiting for {what}"
-        time.sleep(0.05)
-
-
-def converged(check_all: Callable[[], int]) -> Callable[[], bool]:
-    def check() -> bool:
-        try:
-            check_all()
-        except AssertionError:
-            return False
-        return True
-
-    return check
 
 
 @pytest.fixture
@@ -86,7 +68,7 @@ def test_redis_at_maxmemory_refuses_whole_batches_then_everything_applies(
     assert projector.alive()
 
     full_redis(False)
-    wait_for(converged(check_all), "the projector to apply the held-back batch")
+    wait_until(all_agree(check_all), "the projector to apply the held-back batch")
     assert projector.alive()
 
 
@@ -109,7 +91,7 @@ def test_a_statement_timeout_shrinks_the_batch_and_it_is_retried_whole(
     try:
         projector = procs.projector(BATCH_SIZE="500000", IDLE_POLL_SECONDS="0.2")
         assert projector.wait_for_log("Postgres cancelled the batch", 60), projector.log()
-        wait_for(converged(check_all), "every event applied in smaller batches", timeout=120)
+        wait_until(all_agree(check_all), "every event applied in smaller batches", timeout=120)
     finally:
         with engine.connect() as conn:
             conn.execute(text(f"alter database {dbname} reset statement_timeout"))
@@ -145,5 +127,5 @@ def test_a_session_dropped_in_the_middle_of_a_batch_is_retried_whole(
                 )
             time.sleep(0.005)
     assert projector.wait_for_log("store unreachable", 30), projector.log()
-    wait_for(converged(check_all), "the batch to be read and applied again", timeout=120)
+    wait_until(all_agree(check_all), "the batch to be read and applied again", timeout=120)
     assert projector.alive()

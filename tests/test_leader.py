@@ -24,7 +24,7 @@ from projector.leader import LEASE_APPLICATION_NAME, Leadership
 from projector.sink import Deposed
 from projector.worker import Projector
 from tests.procs import Proc, ProcGroup
-from tests.projection_helpers import dump_live_generation
+from tests.projection_helpers import all_agree, dump_live_generation, wait_for, wait_until
 from tests.test_faults import bulk_events, seed
 
 # Short lease so the frozen-leader test is quick; takeover is bounded by lease + poll.
@@ -35,14 +35,6 @@ TAKEOVER_S = 5.0  # the issue's bound
 def leader_info(client: redis.Redis) -> dict[str, object] | None:
     raw = client.get(keys.LEADER)
     return None if raw is None else dict(orjson.loads(raw))
-
-
-def wait_for(check: Callable[[], object], what: str, timeout: float = 60.0) -> float:
-    started = time.monotonic()
-    while not check():
-        assert time.monotonic() - started < timeout, f"still waiting for {what}"
-        time.sleep(0.02)
-    return time.monotonic() - started
 
 
 def leader_pid(client: redis.Redis) -> int | None:
@@ -73,15 +65,14 @@ def start_pair(procs: ProcGroup, rclient: redis.Redis) -> tuple[Proc, Proc]:
     return first, second
 
 
-def converged(engine: Engine, check_all: Callable[[], int]) -> Callable[[], bool]:
-    def check() -> bool:
-        try:
-            check_all()
-        except AssertionError:
-            return False
-        return True
-
-    return check
+def takeover(standby: Proc, act: Callable[[], None]) -> float:
+    """Seconds from ``act`` (which disables the leader) until ``standby`` leads."""
+    started = time.monotonic()
+    act()
+    assert standby.wait_for_log("leading", 30), standby.log()
+    took = time.monotonic() - started
+    assert took < TAKEOVER_S, f"takeover took {took:.2f}s"
+    return took
 
 
 @pytest.mark.timeout(180)
@@ -93,18 +84,14 @@ def test_one_leads_the_standby_takes_over_when_the_leader_is_killed(
 ) -> None:
     seed(engine, users=12, agents_per_user=2, events=400)
     leader, standby = start_pair(procs, rclient)
-    wait_for(converged(engine, check_all), "the leader to catch up")
+    wait_until(all_agree(check_all), "the leader to catch up")
     assert "batch:" not in standby.log(), "the standby applied a batch while another led"
     assert len(lease_sessions(engine)) == 1
 
     bulk_events(engine, 300)
-    leader.kill()
-    killed_at = time.monotonic()
-    assert standby.wait_for_log("leading", 30), standby.log()
-    took = time.monotonic() - killed_at
-    assert took < TAKEOVER_S, f"takeover took {took:.2f}s"
+    took = takeover(standby, leader.kill)
     assert leader_pid(rclient) == standby.pid
-    wait_for(converged(engine, check_all), "the new leader to catch up")
+    wait_until(all_agree(check_all), "the new leader to catch up")
     print(f"takeover after SIGKILL: {took:.2f}s")
 
 
@@ -117,17 +104,13 @@ def test_a_frozen_leader_loses_the_lease_and_writes_nothing_after_it_thaws(
 ) -> None:
     seed(engine, users=12, agents_per_user=2, events=400)
     frozen, standby = start_pair(procs, rclient)
-    wait_for(converged(engine, check_all), "the leader to catch up")
+    wait_until(all_agree(check_all), "the leader to catch up")
     old_token = int(rclient.get(keys.LEADER_TOKEN) or 0)
 
-    frozen.send(signal.SIGSTOP)
-    stopped_at = time.monotonic()
+    took = takeover(standby, lambda: frozen.send(signal.SIGSTOP))
     bulk_events(engine, 300)
-    assert standby.wait_for_log("leading", 30), standby.log()
-    took = time.monotonic() - stopped_at
-    assert took < TAKEOVER_S, f"takeover of a frozen leader took {took:.2f}s"
     assert int(rclient.get(keys.LEADER_TOKEN) or 0) > old_token
-    wait_for(converged(engine, check_all), "the new leader to apply what was written")
+    wait_until(all_agree(check_all), "the new leader to apply what was written")
     before = dump_live_generation(rclient)
 
     frozen.send(signal.SIGCONT)
@@ -136,7 +119,7 @@ def test_a_frozen_leader_loses_the_lease_and_writes_nothing_after_it_thaws(
     assert dump_live_generation(rclient) == before
     assert leader_pid(rclient) == standby.pid
     bulk_events(engine, 100)
-    wait_for(converged(engine, check_all), "the leader to carry on")
+    wait_until(all_agree(check_all), "the leader to carry on")
     print(f"takeover of a frozen leader: {took:.2f}s")
 
 
@@ -149,14 +132,14 @@ def test_a_leader_that_loses_its_database_session_stands_down(
 ) -> None:
     seed(engine, users=8, agents_per_user=2, events=200)
     cut_off, standby = start_pair(procs, rclient)
-    wait_for(converged(engine, check_all), "the leader to catch up")
+    wait_until(all_agree(check_all), "the leader to catch up")
     (session,) = lease_sessions(engine)
     with engine.connect() as conn:
         conn.execute(text("select pg_terminate_backend(:pid)"), {"pid": session})
     assert cut_off.wait_for_log("lost the lease", 30), cut_off.log()
     wait_for(lambda: leader_pid(rclient) is not None and lease_sessions(engine), "a new leader")
     bulk_events(engine, 200)
-    wait_for(converged(engine, check_all), "whoever leads to apply the new events")
+    wait_until(all_agree(check_all), "whoever leads to apply the new events")
     assert len(lease_sessions(engine)) == 1
     assert cut_off.alive() and standby.alive()
 
@@ -225,7 +208,7 @@ def test_two_rebuilds_at_once_beside_a_running_projector_leave_one_consistent_mo
     seed(engine, users=20, agents_per_user=3, events=3000)
     projector = procs.projector(**ENV)
     assert projector.wait_for_log("leading", 60), projector.log()
-    wait_for(converged(engine, check_all), "the projector to build and catch up")
+    wait_until(all_agree(check_all), "the projector to build and catch up")
     first = procs.script("scripts/rebuild.py")
     second = procs.script("scripts/rebuild.py")
     for _ in range(5):
@@ -233,7 +216,7 @@ def test_two_rebuilds_at_once_beside_a_running_projector_leave_one_consistent_mo
         time.sleep(0.1)
     procs.run(first)
     procs.run(second)
-    wait_for(converged(engine, check_all), "the projector to follow the last swap")
+    wait_until(all_agree(check_all), "the projector to follow the last swap")
     current = int(rclient.get(keys.CURRENT) or 0)
     live = {int(g) for g in rclient.smembers(keys.GENERATIONS)}
     assert live == {current}, f"generations left behind: {live - {current}}"
