@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -136,6 +136,11 @@ class ProjectorSettings(RedisSettings):
     # without a beat, and a standby tries for the lead this often; together they bound takeover.
     leader_lease_seconds: float = Field(default=3.0, ge=0.5)
     standby_poll_seconds: float = Field(default=0.5, gt=0)
+    # Prometheus metrics (projector/metrics.py) on this port of every projector; 0 turns them off.
+    metrics_port: int = Field(default=9108, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"
+    # text: the usual log lines; json: one object a line (projector/logs.py).
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("database_url")
     @classmethod

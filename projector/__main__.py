@@ -11,8 +11,10 @@ import threading
 from types import FrameType
 
 from models.settings import get_projector_settings
+from projector import logs
 from projector.db import make_engine
 from projector.leader import Leadership
+from projector.metrics import Metrics, PrometheusMetrics
 from projector.sink import connect
 from projector.worker import Projector
 
@@ -33,6 +35,22 @@ def _install_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handle)
 
 
+def _metrics(database_url: str, port: int, host: str) -> Metrics:
+    if not port:
+        return Metrics()
+    metrics = PrometheusMetrics(database_url)
+    try:
+        # Before the first batch, so a scrape during a long first rebuild shows its progress.
+        metrics.serve(port, host)
+    except OSError as exc:
+        # A second projector on the same host (a standby) must still run: without metrics
+        # rather than not at all.
+        log.warning("metrics off: cannot listen on %s:%d (%s); set METRICS_PORT", host, port, exc)
+        return Metrics()
+    log.info("metrics on http://%s:%d/metrics", host, port)
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m projector", description=__doc__)
     parser.add_argument(
@@ -41,22 +59,22 @@ def main(argv: list[str] | None = None) -> int:
         help="apply everything committed before start, then exit 0",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
     settings = get_projector_settings()
+    logs.setup(settings.log_format)
+    metrics = _metrics(settings.database_url, settings.metrics_port, settings.metrics_host)
     engine = make_engine(settings.database_url, pool_size=2)
     client = connect(settings.redis_url)
     stop = threading.Event()
     _install_signals(stop)
     leadership = Leadership(settings.database_url, client, settings.leader_lease_seconds)
-    projector = Projector(engine, client, settings, leadership=leadership)
+    projector = Projector(engine, client, settings, leadership=leadership, metrics=metrics)
     log.info("projector starting%s", " (until caught up)" if args.until_caught_up else "")
     try:
         projector.run(stop, until_caught_up=args.until_caught_up)
     finally:
         leadership.release()
+        if isinstance(metrics, PrometheusMetrics):
+            metrics.close()
         engine.dispose()
         client.close()
     if projector.head is not None:

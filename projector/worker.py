@@ -20,6 +20,7 @@ from models import keys
 from models.settings import ProjectorSettings
 from projector.fold import FoldResult, Loaded, fold
 from projector.leader import Leadership
+from projector.metrics import Metrics
 from projector.policy import (
     TRANSIENT_ERRORS,
     Backoff,
@@ -69,6 +70,7 @@ class Projector:
         gen: int | None = None,
         mode: Mode = Mode.LIVE,
         leadership: Leadership | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.engine = engine
         self.client = client
@@ -76,6 +78,8 @@ class Projector:
         self.settings = settings
         self.mode = mode
         self.leadership = leadership
+        self.metrics = metrics or Metrics()
+        self._passed: int | None = None  # horizon of the last batch that found nothing to read
         self._standing_by = False
         self.head: Head | None = None
         self._fixed_gen = gen
@@ -138,6 +142,10 @@ class Projector:
         self.head = Head(head.gen, cursor, result.global_height)
         self._remember(result)
         done = time.perf_counter()
+        self.metrics.batch_applied(
+            batch.event_count, len(batch.changes), len(result.views), done - started, self.head
+        )
+        self.metrics.committed(batch.committed_at)
         log.info(
             "batch: %d events (%d candidates), %d entity changes -> %d owners written,"
             " %d recomputed; read %.3fs (slice %.3fs) fold %.3fs recompute %.3fs write %.3fs;"
@@ -153,6 +161,21 @@ class Projector:
             recomputed_at - folded_at,
             done - recomputed_at,
             cursor.events.n,
+            extra={
+                "fields": {
+                    "events": batch.event_count,
+                    "candidates": len(events),
+                    "changes": len(batch.changes),
+                    "owners": len(result.views),
+                    "recomputed": len(result.recompute),
+                    "read_s": round(read_at - started, 6),
+                    "slice_s": round(pg_at - started, 6),
+                    "fold_s": round(folded_at - read_at, 6),
+                    "recompute_s": round(recomputed_at - folded_at, 6),
+                    "write_s": round(done - recomputed_at, 6),
+                    "seq": cursor.events.n,
+                }
+            },
         )
         return StepResult(batch.size, batch.horizon)
 
@@ -195,6 +218,7 @@ class Projector:
         gen = self._fixed_gen if self._fixed_gen is not None else self.sink.current_generation()
         head = None if gen is None else self.sink.head(gen)
         if head is not None:
+            self.metrics.position(head)
             return head
         if self.mode is Mode.BUILDING:
             raise Fenced("the generation being built lost its data")
@@ -204,7 +228,7 @@ class Projector:
     def rebuild(self) -> Head:
         """Build a new generation, catch it up, swap it in; this projector then follows it."""
         gen = new_generation(self.client)
-        snapshot_into(self.engine, self.client, gen)
+        snapshot_into(self.engine, self.client, gen, progress=self.metrics.rebuild_progress)
         builder = Projector(self.engine, self.client, self.settings, gen=gen, mode=Mode.BUILDING)
         builder.run(self._stop, until_caught_up=True)
         old = swap_in(self.client, gen)
@@ -215,6 +239,7 @@ class Projector:
             raise Fenced(f"generation {gen} vanished right after the swap")
         self._forget()
         self.head = head
+        self.metrics.position(head)
         return head
 
     def _still_current(self) -> bool:
@@ -236,6 +261,9 @@ class Projector:
         body: dict[str, object] = {"at": now}
         if self.head is not None:
             body |= {"gen": self.head.gen, "event_seq": self.head.cursor.events.n}
+        if self._passed is not None:
+            # For scripts/status.py: a commit below this horizon has been read, so no lag.
+            body["horizon"] = self._passed
         self.client.set(keys.HEARTBEAT, orjson.dumps(body), ex=self.settings.heartbeat_ttl_seconds)
 
     # -- the loop --------------------------------------------------------------------------
@@ -266,11 +294,13 @@ class Projector:
         try:
             outcome = self._once(until_caught_up)
         except Deposed as deposed:
+            self.metrics.fenced("leader")
             self._stand_down(deposed)
             return _Outcome.BUSY
         except Fenced as fenced:
             if self.mode is Mode.BUILDING:
                 raise
+            self.metrics.fenced(str(fenced))
             log.warning("write fenced (%s); reloading position from Redis", fenced)
             self._forget()
             return _Outcome.BUSY
@@ -285,6 +315,7 @@ class Projector:
     def _wait_out(self, exc: BaseException, backoff: Backoff) -> None:
         # Nothing of the failed batch was applied (the write is all or nothing), so the
         # position in Redis is still where the batch started, and the batch is read again whole.
+        self.metrics.store_error(exc)
         if is_statement_timeout(exc):
             limit = self.batch_limit.shrink()
             log.warning(
@@ -311,11 +342,14 @@ class Projector:
             return True
         try:
             if lead.try_acquire():
+                self.metrics.leading(lead.token)
                 self._standing_by = False
                 self._forget()  # whatever the last leader wrote is news to this one
                 return True
         except TRANSIENT_ERRORS as exc:
+            self.metrics.store_error(exc)
             log.warning("cannot contend for the lead (%s)", brief(exc))
+        self.metrics.standing_by()
         if not self._standing_by:
             log.info("standing by: another projector leads")
             self._standing_by = True
@@ -329,9 +363,11 @@ class Projector:
             # The lease is still ours, so no one else leads: Redis lost the token counter
             # (restarted empty). Take a fresh token and carry on.
             lead.new_token()
+            self.metrics.leading(lead.token)
             log.warning("fencing token unknown to Redis; took a new one (%d)", lead.token)
             return
         log.warning("write refused (%s): another projector leads now; standing by", deposed)
+        self.metrics.standing_by()
         if lead is not None:
             lead.release()
 
@@ -342,6 +378,8 @@ class Projector:
         self.heartbeat()
         if step.applied:
             return _Outcome.BUSY
+        self._passed = step.horizon
+        self.metrics.caught_up(step.horizon)
         if self._target is not None and step.horizon >= self._target:
             return _Outcome.DONE
         if not self._still_current():
