@@ -62,8 +62,6 @@ class DashboardCache:
         self._by_key: dict[bytes, str] = {}
         self._last_tail: Tail | None = None  # the latest tail parsed, cached or not
         self.feed_connects = 0  # times the invalidation feed went live (metrics)
-        # Called with every message's changed keys (None: everything may have changed, as on
-        # FLUSHALL or when the feed drops or comes back); api/changes.py wakes its waiters.
 
     def served(self, handle_lower: str) -> Served | None:
         """The cached answer for a handle (bytes, ETag, headers), or None: ask Redis."""
@@ -115,8 +113,8 @@ class DashboardCache:
         self._docs[handle_lower] = entry
         self._by_key[entry.doc_key] = handle_lower
         self._by_key[entry.handle_key] = handle_lower
-
         return served
+
     def invalidate(self, changed: list[bytes] | None) -> None:
         self.epoch += 1
         if changed is None:  # FLUSHALL / FLUSHDB
@@ -136,10 +134,10 @@ class DashboardCache:
     def attach(self, unread: Callable[[], int]) -> None:
         """Go live, fed by a connection whose unread bytes ``unread`` counts."""
         self._unread = unread
+        self.feed_connects += 1
         self.set_live(True)
 
     def set_live(self, live: bool) -> None:
-        self.feed_connects += 1
         self.epoch += 1
         self.live = live
         self._clear()

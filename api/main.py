@@ -16,9 +16,12 @@ from fastapi.params import Depends as DependsParam
 from fastapi.responses import JSONResponse, Response
 
 from api.cache import DashboardCache, listen
+from api.docs import DASHBOARD_DESCRIPTION, DASHBOARD_RESPONSES, access_responses
 from api.errors import install_error_handlers
+from api.health import install_health
+from api.metrics import install_metrics
 from api.store import DashboardStore
-from models.dashboard import Dashboard, Problem
+from models.dashboard import Dashboard
 from models.handles import HANDLE_PATTERN, handle_key
 from models.settings import RedisSettings, get_redis_settings
 
@@ -34,10 +37,7 @@ def _access_control(conf: RedisSettings) -> tuple[list[DependsParam], dict[int |
     from api.auth import OwnerAccess  # PyJWT is imported only when access control is on
 
     challenge = {"WWW-Authenticate": {"schema": {"type": "string"}}}
-    return [Depends(OwnerAccess(conf))], {
-        401: {"model": Problem, "description": "No valid Bearer token", "headers": challenge},
-        403: {"model": Problem, "description": "The token is for another user"},
-    }
+    return [Depends(OwnerAccess(conf))], access_responses(challenge)
 
 
 def create_app(settings: RedisSettings | None = None) -> FastAPI:
@@ -80,16 +80,14 @@ def create_app(settings: RedisSettings | None = None) -> FastAPI:
         title="Audit-chain dashboards", version="0.1.0", lifespan=lifespan, redirect_slashes=False
     )
     install_error_handlers(app)
+    install_metrics(app)  # its own registry: GET /metrics, and a pure ASGI middleware
+    install_health(app, conf)  # GET /healthz, GET /readyz
 
     @app.get(
         "/v1/users/{handle}/dashboard",
         response_model=Dashboard,
-        responses={
-            404: {"model": Problem, "description": "No user has this handle"},
-            422: {"description": "Malformed handle"},
-            503: {"model": Problem, "description": "No read model to answer from yet"},
-            **auth_responses,
-        },
+        description=DASHBOARD_DESCRIPTION,
+        responses={**DASHBOARD_RESPONSES, **auth_responses},
         dependencies=guards,
     )
     async def dashboard(handle: Handle, request: Request) -> Response:
@@ -99,7 +97,8 @@ def create_app(settings: RedisSettings | None = None) -> FastAPI:
         except aioredis.RedisError:
             found = None
         if found is not None and found.status == "found":
-            return Response(found.body, media_type="application/json")
+            # 200 with ETag and X-Projection-* headers, or 304 when If-None-Match names it
+            return found.response(request.headers.get("if-none-match"))
         if found is not None and found.status == "unknown":
             return JSONResponse({"detail": "no user has this handle"}, status_code=404)
         return JSONResponse(

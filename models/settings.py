@@ -40,6 +40,9 @@ class RedisSettings(BaseSettings):
     dashboard_jwt_operator_scope: str = "dashboards:read-all"
     dashboard_jwt_leeway_seconds: float = Field(default=0, ge=0, le=3600)
 
+    # /readyz (api/health.py) answers 503 once the projector's heartbeat is older than this.
+    ready_max_heartbeat_age_seconds: float = Field(default=30.0, gt=0)
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, v: str) -> str:
