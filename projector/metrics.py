@@ -241,7 +241,7 @@ class PrometheusMetrics(Metrics):
 # The transaction holding the horizon back is the running one with the oldest xid, in any
 # database of the cluster (xids are cluster-wide), or a prepared transaction; backend_xmin
 # alone (a read-only snapshot, such as the projector's own batch) holds back vacuum, not it.
-_SAMPLE = """
+POSTGRES_SAMPLE = """
 select (c).xid::text::bigint as xid, (c).timestamp as committed,
     greatest(
         (select extract(epoch from clock_timestamp() - a.xact_start) from pg_stat_activity a
@@ -311,7 +311,7 @@ class PostgresSampler(Collector):
                     application_name="projector-metrics",
                     options="-c statement_timeout=2000",
                 )
-            row = self._conn.execute(_SAMPLE).fetchone()
+            row = self._conn.execute(POSTGRES_SAMPLE).fetchone()
         except psycopg.Error as exc:
             log.warning("metrics: cannot sample Postgres (%s)", str(exc).strip() or exc)
             self.close()
