@@ -10,6 +10,8 @@ import sys
 import threading
 from types import FrameType
 
+from prometheus_client import disable_created_metrics
+
 from models.settings import get_projector_settings
 from projector import logs
 from projector.db import make_engine
@@ -38,6 +40,9 @@ def _install_signals(stop: threading.Event) -> None:
 def _metrics(database_url: str, port: int, host: str) -> Metrics:
     if not port:
         return Metrics()
+    # Counters' *_created twins only double the page here; this process's choice, made at run
+    # time (it is prometheus_client's process-wide switch).
+    disable_created_metrics()  # type: ignore[no-untyped-call]
     metrics = PrometheusMetrics(database_url)
     try:
         # Before the first batch, so a scrape during a long first rebuild shows its progress.

@@ -36,13 +36,13 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
-def setup(fmt: str | None = None, level: str | int | None = None) -> None:
-    """Configure the root logger; ``fmt`` and ``level`` default to LOG_FORMAT and LOG_LEVEL."""
+def setup(fmt: str | None = None, default_level: str = "INFO") -> None:
+    """Configure the root logger: ``fmt`` defaults to LOG_FORMAT, the level to LOG_LEVEL."""
     fmt = (fmt or os.environ.get("LOG_FORMAT") or "text").lower()
     if fmt not in FORMATS:
         raise ValueError(f"LOG_FORMAT must be one of {', '.join(FORMATS)}, not {fmt!r}")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(
-        level=level or os.environ.get("LOG_LEVEL", "INFO"), handlers=[handler], force=True
+        level=os.environ.get("LOG_LEVEL", default_level), handlers=[handler], force=True
     )

@@ -19,7 +19,14 @@ from typing import Any
 
 import psycopg
 import redis
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -118,6 +125,7 @@ class PrometheusMetrics(Metrics):
     def __init__(self, database_url: str | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # RSS, CPU, open files: what a soak watches
         self.changes = Counter(
             "projector_changes_applied",
             "Changes applied to the read model: kind=event (audit events) or entity"

@@ -228,6 +228,7 @@ class Projector:
     def rebuild(self) -> Head:
         """Build a new generation, catch it up, swap it in; this projector then follows it."""
         gen = new_generation(self.client)
+        self.metrics.rebuild_progress(0, 0)  # a new rebuild: the last one's figures are done
         snapshot_into(self.engine, self.client, gen, progress=self.metrics.rebuild_progress)
         builder = Projector(self.engine, self.client, self.settings, gen=gen, mode=Mode.BUILDING)
         builder.run(self._stop, until_caught_up=True)

@@ -133,6 +133,7 @@ def rebuild(engine: Engine, client: redis.Redis, out: Console) -> None:
         RateColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
+        TextColumn("elapsed"),
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=out) as progress:
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         "--dry-run", action="store_true", help="report what a rebuild would do; write nothing"
     )
     args = parser.parse_args(argv)
-    logs.setup(level="WARNING")
+    logs.setup(default_level="WARNING")  # the script's own output is the report
     settings = get_projector_settings()
     engine = make_engine(settings.database_url)
     client = connect(settings.redis_url)

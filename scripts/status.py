@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/status.py", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    logs.setup(level="WARNING")
+    logs.setup(default_level="WARNING")  # the script's own output is the report
     settings = get_projector_settings()
     client = connect(settings.redis_url)
     try:

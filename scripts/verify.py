@@ -13,6 +13,7 @@ import argparse
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,10 +69,17 @@ def passed(cursor: Cursor, target: Cursor) -> bool:
 
 
 class Verifier:
-    def __init__(self, engine: Engine, client: redis.Redis, timeout: float) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        client: redis.Redis,
+        timeout: float,
+        notice: Callable[[str], None] = print,
+    ) -> None:
         self.engine = engine
         self.client = client
         self.timeout = timeout
+        self.notice = notice
         self.rechecked = 0
 
     def truth(self, user_id: int) -> Truth:
@@ -99,6 +107,10 @@ class Verifier:
         if not found:
             return []
         self.rechecked += 1
+        self.notice(
+            f"{handle}: differs from the SQL ({found[0].field}); waiting for the projector to"
+            f" pass the snapshot (at most {self.timeout:g}s)"
+        )
         return self._settle(user_id, handle, truth)
 
     def _settle(self, user_id: int, handle: str, truth: Truth) -> list[Drift]:
@@ -230,9 +242,8 @@ def run(args: argparse.Namespace) -> int:
     bar = Console(stderr=True)
     started = time.monotonic()
     try:
-        verifier = Verifier(engine, client, args.timeout)
         chosen = users(engine, args.sample, args.seed)
-        drifts = verifier.check_global()
+        drifts: list[Drift] = []
         columns = (
             TextColumn("verifying"),
             BarColumn(),
@@ -241,10 +252,12 @@ def run(args: argparse.Namespace) -> int:
             TimeRemainingColumn(),
         )
         with Progress(*columns, console=bar) as progress:
+            verifier = Verifier(engine, client, args.timeout, progress.console.print)
             task = progress.add_task("users", total=len(chosen))
             for user_id, handle in chosen:
                 drifts += verifier.check(user_id, handle)
                 progress.advance(task)
+        drifts += verifier.check_global()
     finally:
         engine.dispose()
         client.close()
@@ -272,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds to wait for the projector to reach a mismatching user's snapshot",
     )
     args = parser.parse_args(argv)
-    logs.setup(level="WARNING")
+    logs.setup(default_level="WARNING")  # the script's own output is the report
     return run(args)
 
 

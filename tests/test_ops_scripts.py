@@ -122,6 +122,25 @@ def test_verify_passes_under_live_writes_and_names_a_corrupted_user(
     def wrong_height(doc: dict) -> None:
         doc["chain_meta"]["owner_chain_height"] -= 1
 
+    # A user mid-update is waited for, not reported: the horizon is held back (an open
+    # transaction with an xid) while an event of Seed-1's is committed, so the projector cannot
+    # apply it until the holder ends, and verify meets the difference first.
+    with engine.connect() as holder:
+        holder.execute(text("select pg_current_xact_id()"))
+        with engine.begin() as conn:
+            agent = conn.execute(
+                text(
+                    "select min(a.id) from agents a join users u on u.id = a.owner_id"
+                    " where u.handle = 'Seed-1'"
+                )
+            ).scalar_one()
+            p.add_event(conn, agent)
+        verify = procs.script("scripts/verify.py", "--timeout", "60")
+        assert verify.wait_for_log("Seed-1: differs from the SQL", 60), verify.log()
+        holder.rollback()
+    assert verify.wait(120) == 0, verify.log()
+    assert f"OK: {USERS} users checked, 1 re-checked" in verify.log()
+
     corrupt(rclient, engine, "Seed-3", drop_newest)
     corrupt(rclient, engine, "Seed-6", wrong_height)
     code, out = run(procs, "scripts/verify.py", "--timeout", "5")

@@ -296,3 +296,17 @@ def test_lag_rules() -> None:
 def _no_leftover_maxmemory(rclient: redis.Redis) -> Iterator[None]:
     yield
     rclient.config_set("maxmemory", 0)
+
+
+@pytest.mark.timeout(120)
+def test_a_rebuild_at_start_reports_its_owners(
+    engine: Engine, rclient: redis.Redis, procs: ProcGroup
+) -> None:
+    seed(engine, users=30, agents_per_user=1, events=40)
+    _, port = start(procs, rclient)  # Redis is empty: the projector builds the read model first
+    wait_for(applied_up_to(port, max_seq(engine)), "the read model built")
+    samples = scrape(port)
+    assert value(samples, "projector_rebuild_owners_total") == 30
+    assert value(samples, "projector_rebuild_owners_done") == 30
+    # Built from the snapshot, not applied by batches: no change is counted as applied.
+    assert value(samples, "projector_changes_applied_total", kind="event") == 0
