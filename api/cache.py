@@ -224,8 +224,20 @@ async def _open_feed(redis_url: str, cache: DashboardCache) -> _Feed:
             lambda: feed, host, port, ssl=True if url.scheme == "rediss" else None
         )
     await asyncio.wait_for(connecting, timeout=2)
-    if url.password:
-        feed.send("AUTH", *[unquote(p) for p in (url.username, url.password) if p])
+    try:
+        await _handshake(feed, url.username, url.password)
+    except BaseException:
+        # Failed or cancelled (an app shut down right after start-up) before listen() holds
+        # the feed: close the connection here, or its socket is left to the collector.
+        if feed.transport is not None:
+            feed.transport.close()
+        raise
+    return feed
+
+
+async def _handshake(feed: _Feed, username: str | None, password: str | None) -> None:
+    if password:
+        feed.send("AUTH", *[unquote(p) for p in (username, password) if p])
         await feed.reply()
     feed.send("CLIENT", "ID")
     client_id = await feed.reply()
@@ -237,7 +249,6 @@ async def _open_feed(redis_url: str, cache: DashboardCache) -> _Feed:
     await feed.reply()
     feed.send("SUBSCRIBE", keys.INVALIDATE_CHANNEL)
     await feed.reply()
-    return feed
 
 
 async def listen(redis_url: str, cache: DashboardCache, max_backoff: float = 2.0) -> None:
