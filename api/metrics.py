@@ -10,6 +10,7 @@
 - ``dashboard_api_invalidation_feed_reconnects_total``: times the cache's invalidation feed came
   back after the first connection; ``..._feed_live`` whether it is up now;
   ``..._cache_entries`` the dashboards held in memory.
+- ``process_*``: the process's resident memory, CPU seconds, open file descriptors.
 
 Each app gets its own registry (made by ``install_metrics`` in ``create_app``; nothing at import,
 and never the process-global default registry). The request middleware is plain ASGI, and the
@@ -27,7 +28,7 @@ from itertools import accumulate
 from typing import Any
 
 from fastapi import FastAPI
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector
 from prometheus_client import generate_latest as _render
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -104,6 +105,7 @@ class ApiMetrics(Collector):
         self._timings: dict[str, _Timing] = {}
         self.registry.register(self)
         self.registry.register(_StoreCollector(app))
+        ProcessCollector(registry=self.registry)  # process_* (RSS, CPU, open fds), read at scrape
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         if method not in METHODS:

@@ -116,6 +116,7 @@ def test_counters_match_the_requests_made(built: None, procs: ProcGroup) -> None
     assert value(after, "dashboard_api_cache_entries") == 1
     assert value(after, "dashboard_api_redis_errors_total") == 0
     assert value(after, "dashboard_api_invalidation_feed_reconnects_total") == 0
+    assert value(after, "process_resident_memory_bytes") > 1_000_000  # the API's own RSS
     # Raw paths never become label values.
     routes = {dict(labels).get("route") for _, labels in after}
     assert not any("nope" in (r or "") or "counted" in (r or "") for r in routes)
