@@ -28,8 +28,9 @@ class JsonFormatter(logging.Formatter):
         }
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
-            # The fixed keys win: a field can never pass itself off as the level or the message.
-            line = {**fields, **line}
+            for key, value in fields.items():
+                # The fixed keys win: a field never passes itself off as the level or message.
+                line.setdefault(key, value)
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         # default=str: a stray datetime or Decimal in a field must not cost the log line.

@@ -98,7 +98,8 @@ def table(status: dict[str, Any]) -> Table:
     out.add_row("position", str(status["position"]))
     out.add_row("global chain height", str(status["global_chain_height"]))
     out.add_row("applied at", str(status["applied_at"]))
-    out.add_row("newest change committed at", str(status["committed_at"]))
+    committed = status["committed_at"] or "- (no batch applied since the last rebuild)"
+    out.add_row("newest change committed at", committed)
     out.add_row("lag", _seconds(status["lag_seconds"], "unknown (no commit timestamps yet)"))
     out.add_row(
         "oldest running transaction", _seconds(status["oldest_transaction_age_seconds"], "-")

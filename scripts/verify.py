@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import redis
@@ -39,13 +40,14 @@ from projector.records import Cursor, Position
 from projector.sink import connect
 
 # The newest change of each stream in the snapshot: once the projector's cursor is at or past
-# both, everything the snapshot saw has been applied.
+# both, everything the snapshot saw has been applied. Qualified names in ORDER BY: a bare
+# ``tx_id`` would name the text output column, and sort every row instead of using the index.
 _TARGET = """
-select (select tx_id::text from audit_events order by tx_id desc, seq desc limit 1) as etx,
-       (select seq from audit_events order by tx_id desc, seq desc limit 1) as eseq,
-       (select tx_id::text from projector_entity_changes order by tx_id desc, id desc limit 1)
-           as ctx,
-       (select id from projector_entity_changes order by tx_id desc, id desc limit 1) as cid
+select e.etx, e.eseq, c.ctx, c.cid from (select 1) one
+left join lateral (select a.tx_id::text as etx, a.seq as eseq from audit_events a
+    order by a.tx_id desc, a.seq desc limit 1) e on true
+left join lateral (select p.tx_id::text as ctx, p.id as cid from projector_entity_changes p
+    order by p.tx_id desc, p.id desc limit 1) c on true
 """
 GLOBAL_FIELD = "global_chain_height"
 
@@ -108,8 +110,8 @@ class Verifier:
             return []
         self.rechecked += 1
         self.notice(
-            f"{handle}: differs from the SQL ({found[0].field}); waiting for the projector to"
-            f" pass the snapshot (at most {self.timeout:g}s)"
+            f"{handle}: differs from the SQL ({found[0].field}); waiting for the projector"
+            f" to pass the snapshot, at most {self.timeout:g}s"
         )
         return self._settle(user_id, handle, truth)
 
@@ -252,7 +254,8 @@ def run(args: argparse.Namespace) -> int:
             TimeRemainingColumn(),
         )
         with Progress(*columns, console=bar) as progress:
-            verifier = Verifier(engine, client, args.timeout, progress.console.print)
+            notice = partial(progress.console.print, soft_wrap=True)
+            verifier = Verifier(engine, client, args.timeout, notice)
             task = progress.add_task("users", total=len(chosen))
             for user_id, handle in chosen:
                 drifts += verifier.check(user_id, handle)
