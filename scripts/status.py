@@ -38,9 +38,15 @@ def _users_in(client: redis.Redis, gen: int) -> int:
 
 
 def _postgres(database_url: str) -> tuple[tuple[int, datetime] | None, float | None]:
+    """(newest commit, oldest transaction's age); (None, None) when Postgres cannot say."""
     dsn = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
-    with psycopg.connect(dsn, connect_timeout=5, application_name="projector-status") as conn:
-        row = conn.execute(POSTGRES_SAMPLE).fetchone()
+    try:
+        with psycopg.connect(dsn, connect_timeout=5, application_name="projector-status") as conn:
+            row = conn.execute(POSTGRES_SAMPLE).fetchone()
+    except psycopg.Error as exc:
+        # Status is most wanted when something is down: say so and show what Redis knows.
+        print(f"Postgres unreachable: {str(exc).strip() or exc}", file=sys.stderr)
+        return None, None
     assert row is not None
     xid, committed, oldest = row
     newest = None if xid is None or committed is None else (int(xid), committed)
@@ -100,10 +106,9 @@ def table(status: dict[str, Any]) -> Table:
     out.add_row("applied at", str(status["applied_at"]))
     committed = status["committed_at"] or "- (no batch applied since the last rebuild)"
     out.add_row("newest change committed at", committed)
-    out.add_row("lag", _seconds(status["lag_seconds"], "unknown (no commit timestamps yet)"))
-    out.add_row(
-        "oldest running transaction", _seconds(status["oldest_transaction_age_seconds"], "-")
-    )
+    out.add_row("lag", _seconds(status["lag_seconds"], "unknown (no commit time to compare)"))
+    oldest = status["oldest_transaction_age_seconds"]
+    out.add_row("oldest running transaction", _seconds(oldest, "unknown (Postgres unreachable)"))
     out.add_row("heartbeat age", _seconds(status["heartbeat_age_seconds"], "none: no projector"))
     leader = status["leader"]
     if leader is None:
@@ -128,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     client = connect(settings.redis_url)
     try:
         status = collect(client, settings.database_url)
+    except redis.RedisError as exc:
+        print(f"Redis unreachable at {settings.redis_url}: {exc}", file=sys.stderr)
+        return 2
     finally:
         client.close()
     if args.json:

@@ -20,6 +20,7 @@ from sqlalchemy import Engine, text
 from models import keys
 from projector import readmodel
 from scripts import platform_sim as p
+from scripts.throwaway import free_port
 from tests.procs import Proc, ProcGroup
 from tests.test_faults import seed
 
@@ -189,6 +190,15 @@ def test_status_shows_the_generation_leader_and_users(
     assert code == 0, table
     assert f"generation {got['generation']}" in " ".join(table.split())
     assert f"{socket.gethostname()}:{live.pid}" in table
+
+    # Postgres down: what Redis knows is still shown, what Postgres would say is unknown.
+    dead = procs.script(
+        "scripts/status.py", "--json", DATABASE_URL=f"postgresql://x@127.0.0.1:{free_port()}/x"
+    )
+    assert dead.wait(60) == 0, dead.log()
+    blind = dict(orjson.loads(dead.log()[dead.log().index("{") :]))
+    assert blind["generation"] == got["generation"] and blind["users"] == USERS
+    assert blind["oldest_transaction_age_seconds"] is None and "Postgres unreachable" in dead.log()
 
     live.stop()
     rclient.delete(keys.HEARTBEAT, keys.LEADER)
