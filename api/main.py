@@ -26,8 +26,11 @@ from models.handles import HANDLE_PATTERN, handle_key
 from models.settings import RedisSettings, get_redis_settings
 
 Handle = Annotated[str, Path(pattern=HANDLE_PATTERN, examples=["hizrianraz"])]
-# Redis connections per API process; more requests than this wait (up to 2 s) for one.
-REDIS_POOL_SIZE = 64
+# Redis connections per API process; more requests than this queue for one. Under 500
+# connections on 2 busy cores some waited over 2 s (answered 503), so the wait is long: an
+# overloaded API answers late rather than wrongly.
+REDIS_POOL_SIZE = 128
+POOL_WAIT_SECONDS = 10
 
 
 def _access_control(conf: RedisSettings) -> tuple[list[DependsParam], dict[int | str, Any]]:
@@ -52,7 +55,7 @@ def create_app(settings: RedisSettings | None = None) -> FastAPI:
         pool = aioredis.BlockingConnectionPool.from_url(
             conf.redis_url,
             max_connections=REDIS_POOL_SIZE,
-            timeout=2,
+            timeout=POOL_WAIT_SECONDS,
             socket_timeout=2,
             socket_connect_timeout=2,
             retry_on_timeout=False,
