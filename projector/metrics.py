@@ -55,33 +55,20 @@ def store_error_kind(exc: BaseException) -> tuple[str, str]:
     return "postgres", "connection" if isinstance(orig, psycopg.OperationalError) else "other"
 
 
-def widen_xid(xid32: int, near: int) -> int:
-    """The 64-bit transaction id whose low 32 bits are ``xid32`` and which lies nearest ``near``.
-
-    ``pg_last_committed_xact()`` gives a 32-bit xid; the projector's horizon is an xid8.
-    """
-    full = (near >> 32 << 32) | xid32
-    if full > near + 2**31:
-        full -= 2**32
-    elif full < near - 2**31:
-        full += 2**32
-    return full
-
-
 def lag_seconds(
     newest: tuple[int, datetime] | None, applied_at: datetime | None, passed: int | None
 ) -> float | None:
-    """Seconds between the newest commit in Postgres and the newest change applied.
+    """Seconds between the newest change committed and the newest change applied.
 
-    ``newest`` is (xid32, commit time) from ``pg_last_committed_xact()``; ``passed`` the horizon
-    of the last batch that found nothing left to read. A newest commit below that horizon has
-    been read whatever it held (perhaps nothing of ours), so the lag is 0 then; otherwise it is
-    unknown without commit timestamps, or right after a rebuild (nothing applied by a batch).
+    ``newest`` is (transaction id, commit time) of the newest change in Postgres; ``passed``
+    the horizon of the last batch that found nothing left to read. A change below that horizon
+    has been applied, so the lag is 0 then; otherwise it is unknown without commit timestamps,
+    or right after a rebuild (nothing applied by a batch yet).
     """
     if newest is None:
         return None
-    xid32, committed = newest
-    if passed is not None and widen_xid(xid32, passed) < passed:
+    xid, committed = newest
+    if passed is not None and xid < passed:
         return 0.0
     if applied_at is None:
         return None
@@ -246,18 +233,25 @@ class PrometheusMetrics(Metrics):
         self.rebuild_total.set(total)
 
 
+# The newest change is the newest transaction of the two streams the projector reads (one
+# backward index probe each), not pg_last_committed_xact(): that one counts every commit of the
+# cluster, so any write to another table or database would pass for a change not yet applied.
 # The transaction holding the horizon back is the running one with the oldest xid, in any
 # database of the cluster (xids are cluster-wide), or a prepared transaction; backend_xmin
 # alone (a read-only snapshot, such as the projector's own batch) holds back vacuum, not it.
 POSTGRES_SAMPLE = """
-select (c).xid::text::bigint as xid, (c).timestamp as committed,
+select n.tx::text::bigint as xid,
+    case when n.tx is not null and current_setting('track_commit_timestamp') = 'on'
+        then pg_xact_commit_timestamp(xid(n.tx)) end as committed,
     greatest(
         (select extract(epoch from clock_timestamp() - a.xact_start) from pg_stat_activity a
          where a.backend_xid is not null and a.pid <> pg_backend_pid()
          order by age(a.backend_xid) desc limit 1),
         (select extract(epoch from clock_timestamp() - min(p.prepared)) from pg_prepared_xacts p)
     )::float8 as oldest
-from (select pg_last_committed_xact() as c) s
+from (select greatest(
+    (select e.tx_id from audit_events e order by e.tx_id desc limit 1),
+    (select c.tx_id from projector_entity_changes c order by c.tx_id desc limit 1)) as tx) n
 """
 
 
@@ -293,9 +287,10 @@ class PostgresSampler(Collector):
         return [
             GaugeMetricFamily(
                 "projector_lag_seconds",
-                "Commit time of the newest transaction in Postgres minus that of the newest"
-                " change applied; 0 once the projector has read past it; absent when unknown"
-                " (no track_commit_timestamp, or nothing applied since a rebuild)",
+                "Commit time of the newest change in Postgres (events, entity changes) minus"
+                " that of the newest change applied; 0 once the projector has read past it;"
+                " absent when unknown (no track_commit_timestamp, or nothing applied since a"
+                " rebuild)",
             ),
             GaugeMetricFamily(
                 "projector_oldest_xact_age_seconds",
