@@ -62,6 +62,9 @@ class DashboardCache:
         self._by_key: dict[bytes, str] = {}
         self._last_tail: Tail | None = None  # the latest tail parsed, cached or not
         self.feed_connects = 0  # times the invalidation feed went live (metrics)
+        # Called with every message's changed keys (None: everything may have changed, as on
+        # FLUSHALL or when the feed drops or comes back); api/changes.py wakes its waiters.
+        self.listeners: list[Callable[[list[bytes] | None], None]] = []
 
     def served(self, handle_lower: str) -> Served | None:
         """The cached answer for a handle (bytes, ETag, headers), or None: ask Redis."""
@@ -117,6 +120,8 @@ class DashboardCache:
 
     def invalidate(self, changed: list[bytes] | None) -> None:
         self.epoch += 1
+        for listener in self.listeners:
+            listener(changed)
         if changed is None:  # FLUSHALL / FLUSHDB
             self._clear()
             return
@@ -141,6 +146,8 @@ class DashboardCache:
         self.epoch += 1
         self.live = live
         self._clear()
+        for listener in self.listeners:
+            listener(None)
 
     def _drop(self, handle_lower: str) -> None:
         entry = self._docs.pop(handle_lower, None)

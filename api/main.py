@@ -16,9 +16,11 @@ from fastapi.params import Depends as DependsParam
 from fastapi.responses import JSONResponse, Response
 
 from api.cache import DashboardCache, listen
+from api.changes import ChangeHub
 from api.docs import DASHBOARD_DESCRIPTION, DASHBOARD_RESPONSES, access_responses
 from api.errors import install_error_handlers
 from api.health import install_health
+from api.live import DEFAULT_WAIT_MS, MinSeq, WaitMs, live_router, stale_response
 from api.metrics import install_metrics
 from api.store import DashboardStore
 from models.dashboard import Dashboard
@@ -64,6 +66,12 @@ def create_app(settings: RedisSettings | None = None) -> FastAPI:
         cache = DashboardCache()
         app.state.store = DashboardStore(client, cache)
         app.state.retry_after = str(conf.retry_after_seconds)
+        # Live updates and ?min_seq= waits, woken by the cache's invalidation feed (no second
+        # connection): api/changes.py.
+        app.state.changes = ChangeHub(
+            client, app.state.store, cache, conf.sse_shared_refresh_seconds
+        )
+        app.state.sse_heartbeat = conf.sse_heartbeat_seconds
         feed = asyncio.create_task(listen(conf.redis_url, cache), name="cache-invalidation")
         # Objects made at start-up live for ever; freezing them keeps the collector from
         # walking them on every collection, which showed as tens of ms of p99 latency.
@@ -73,6 +81,7 @@ def create_app(settings: RedisSettings | None = None) -> FastAPI:
             yield
         finally:
             feed.cancel()
+            app.state.changes.close()
             with contextlib.suppress(asyncio.CancelledError):
                 await feed
             await client.aclose()
@@ -83,6 +92,7 @@ def create_app(settings: RedisSettings | None = None) -> FastAPI:
         title="Audit-chain dashboards", version="0.1.0", lifespan=lifespan, redirect_slashes=False
     )
     install_error_handlers(app)
+    app.include_router(live_router(guards, auth_responses))
 
     @app.get(
         "/v1/users/{handle}/dashboard",
@@ -91,12 +101,24 @@ def create_app(settings: RedisSettings | None = None) -> FastAPI:
         responses={**DASHBOARD_RESPONSES, **auth_responses},
         dependencies=guards,
     )
-    async def dashboard(handle: Handle, request: Request) -> Response:
+    async def dashboard(
+        handle: Handle,
+        request: Request,
+        min_seq: MinSeq = None,
+        wait_ms: WaitMs = DEFAULT_WAIT_MS,
+    ) -> Response:
         store: DashboardStore = request.app.state.store
+        stale = False
         try:
-            found = await store.dashboard(handle_key(handle))
+            if min_seq is None:
+                found = await store.dashboard(handle_key(handle))
+            else:
+                hub: ChangeHub = request.app.state.changes
+                found, stale = await hub.wait_for_height(handle_key(handle), min_seq, wait_ms)
         except aioredis.RedisError:
             found = None
+        if found is not None and found.status == "found" and stale:
+            return stale_response(found)
         if found is not None and found.status == "found":
             # 200 with ETag and X-Projection-* headers, or 304 when If-None-Match names it
             return found.response(request.headers.get("if-none-match"))

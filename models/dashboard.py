@@ -43,6 +43,10 @@ class Projection(BaseModel):
     applied_at: datetime
     # Commit time of the newest change applied; null without Postgres's track_commit_timestamp.
     committed_at: datetime | None = None
+    # Present, and true, only when a ?min_seq= wait ran out before the user's
+    # owner_chain_height reached it (the header X-Projection-Stale: true says the same);
+    # absent otherwise, so a plain answer is exactly the projector's bytes.
+    stale: bool = False
 
 
 DASHBOARD_EXAMPLE: JsonDict = {

@@ -25,6 +25,10 @@ class RedisSettings(BaseSettings):
     redis_url: str = Field(default="redis://127.0.0.1:6379/0")
     # Seconds a client is told to wait when there is no read model to answer from.
     retry_after_seconds: int = Field(default=2, ge=1)
+    # Live updates (api/live.py): a comment line on every idle stream this often, and how often
+    # at most a change of the shared tail alone (global height, position) re-sends dashboards.
+    sse_heartbeat_seconds: float = Field(default=15.0, gt=0)
+    sse_shared_refresh_seconds: float = Field(default=1.0, ge=0)
 
     # Owner-scoped access (api/auth.py), off while no key is set. The key is an HMAC secret for
     # HS* algorithms, or a PEM public key for the others (a PEM given with literal "\n" escapes,
