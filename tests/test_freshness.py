@@ -17,8 +17,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
+from api.cache import DashboardCache
 from api.freshness import header_name, none_match, parse_tail
 from api.main import create_app
+from models import keys
 from models.settings import RedisSettings
 from projector.records import Cursor, Position
 from projector.render import render_tail
@@ -85,6 +87,28 @@ def test_tail_parsed_generically_into_headers() -> None:
 )
 def test_if_none_match_comparison(header: str, matches: bool) -> None:
     assert none_match(header, b'"abc"') is matches
+
+
+def test_an_answer_is_built_once_per_document_and_tail() -> None:
+    """Bytes, ETag and headers are made on the first hit after a change, then reused as they are;
+    a new tail is parsed once, however many users' answers it ends."""
+    cache = DashboardCache()
+    cache.attach(lambda: 0)
+    doc = b'{"handle":"alice","chain_meta":{"owner_chain_height":1'
+    cursor = Cursor(Position(10, 5), Position(10, 1))
+    cache.put(cache.epoch, "alice", 3, 7, doc, render_tail(3, cursor, 5))
+    first = cache.served("alice")
+    assert first is not None and cache.served("alice") is first
+    assert first.response().headers["etag"] == first.etag.decode()
+    cache.invalidate([keys.global_hash(3).encode()])  # the shared tail changed
+    assert cache.served("alice") is None
+    cache.put(cache.epoch, "bob", 3, 8, doc.replace(b"alice", b"bob"), render_tail(3, cursor, 6))
+    second = cache.served("alice")
+    assert second is not None and second is not first
+    assert second.etag != first.etag
+    assert cache.served("alice") is second
+    bob = cache.served("bob")
+    assert bob is not None and bob.tail is second.tail  # one parse for both
 
 
 # --- a real server -----------------------------------------------------------------------------
