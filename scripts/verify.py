@@ -4,13 +4,15 @@ Each user's expected dashboard comes from the README's SQL (projector/oracle.py)
 snapshot together with the newest change that snapshot holds (the target). What is served is
 read from Redis the way the API reads it. A user who differs may just be mid-update: the check
 is repeated once the projector's cursor has passed the target, and only a difference that
-stays, while the SQL for that user has not moved, is drift. Exits 1 on drift, 0 otherwise.
+stays, while the SQL for that user has not moved, is drift. A full run (no ``--sample``) also
+looks for documents of users Postgres does not have. Exits 1 on drift, 0 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +33,7 @@ from rich.table import Table
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import NoResultFound
 
+from models import keys
 from models.handles import is_valid_handle
 from models.settings import get_projector_settings
 from projector import logs, readmodel
@@ -50,6 +53,7 @@ left join lateral (select p.tx_id::text as ctx, p.id as cid from projector_entit
     order by p.tx_id desc, p.id desc limit 1) c on true
 """
 GLOBAL_FIELD = "global_chain_height"
+_DOC_ID = re.compile(r"\{u(\d+)\}:doc$")
 
 
 @dataclass(frozen=True)
@@ -149,13 +153,7 @@ class Verifier:
                 target = self._target(conn)
                 before = conn.execute(text("select coalesce(max(seq), 0) from audit_events"))
                 low = int(before.scalar_one())
-        deadline = time.monotonic() + self.timeout
-        head = readmodel.head(self.client)
-        while head is not None and not passed(head.cursor, target):
-            if time.monotonic() >= deadline:
-                break
-            time.sleep(0.05)
-            head = readmodel.head(self.client)
+        head = self._head_past(target)
         with self.engine.connect() as conn:
             high = int(
                 conn.execute(text("select coalesce(max(seq), 0) from audit_events")).one()[0]
@@ -165,6 +163,44 @@ class Verifier:
         if low <= head.height <= high:
             return []
         return [Drift("*", GLOBAL_FIELD, f"between {low} and {high}", str(head.height))]
+
+    def _head_past(self, target: Cursor) -> readmodel.Head | None:
+        deadline = time.monotonic() + self.timeout
+        head = readmodel.head(self.client)
+        while head is not None and not passed(head.cursor, target):
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+            head = readmodel.head(self.client)
+        return head
+
+    def check_orphans(self) -> list[Drift]:
+        """Documents of users Postgres does not have (a deletion that was never applied)."""
+        suspects = self._orphans(None)
+        if suspects:
+            # A user created or deleted around the snapshot is no orphan: look again, against
+            # a later snapshot the projector has passed.
+            suspects = self._orphans(suspects)
+        return [
+            Drift(f"(user id {uid})", "document", "absent (no such user)", "present")
+            for uid in sorted(suspects)
+        ]
+
+    def _orphans(self, among: set[int] | None) -> set[int]:
+        with self.engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn:
+            with conn.begin():
+                target = self._target(conn)
+                known = set(conn.execute(text("select id from users")).scalars())
+        head = self._head_past(target)
+        if head is None:
+            return set()
+        if among is None:
+            pattern = keys.user_doc(head.gen, 0).replace("{u0}", "{u*}")
+            scanned = self.client.scan_iter(match=pattern, count=1000)
+            found = {int(_DOC_ID.findall(k.decode())[0]) for k in scanned}
+        else:
+            found = {uid for uid in among if self.client.exists(keys.user_doc(head.gen, uid))}
+        return found - known
 
 
 def compare(
@@ -261,6 +297,8 @@ def run(args: argparse.Namespace) -> int:
                 drifts += verifier.check(user_id, handle)
                 progress.advance(task)
         drifts += verifier.check_global()
+        if args.sample is None:
+            drifts += verifier.check_orphans()
     finally:
         engine.dispose()
         client.close()

@@ -144,13 +144,16 @@ def test_verify_passes_under_live_writes_and_names_a_corrupted_user(
 
     corrupt(rclient, engine, "Seed-3", drop_newest)
     corrupt(rclient, engine, "Seed-6", wrong_height)
+    gen = int(rclient.get(keys.CURRENT) or 0)
+    rclient.set(keys.user_doc(gen, 999_999), b'{"handle":"ghost"}')  # a deletion never applied
     code, out = run(procs, "scripts/verify.py", "--timeout", "5")
     assert code == 1, out
     lines = [line for line in out.splitlines() if line.startswith("DRIFT ")]
     assert any(line.startswith("DRIFT Seed-3 recent_events (seqs)") for line in lines), out
     assert any(line.startswith("DRIFT Seed-6 chain_meta.owner_chain_height") for line in lines), out
-    assert {line.split()[1] for line in lines} == {"Seed-3", "Seed-6"}, out
-    assert f"{USERS} users checked" in out and "2 with drift" in out
+    assert any(line.startswith("DRIFT (user id 999999) document") for line in lines), out
+    assert {line.split()[1] for line in lines} == {"Seed-3", "Seed-6", "(user"}, out
+    assert f"{USERS} users checked" in out and "3 with drift" in out
 
     # A sample: only the chosen users are looked at, the same ones for the same seed.
     code, out = run(procs, "scripts/verify.py", "--sample", "3", "--seed", "7")
