@@ -276,7 +276,7 @@ class Projector:
         backoff = Backoff(self.settings.max_backoff_seconds)
         try:
             while not stop.is_set():
-                if not self._lead(stop):
+                if not self._lead(stop, backoff):
                     continue
                 outcome = self._attempt(until_caught_up, backoff)
                 if outcome is _Outcome.DONE:
@@ -336,7 +336,7 @@ class Projector:
             log.warning("store unreachable (%s); retrying in %.2fs", brief(exc), delay)
         self._stop.wait(delay)
 
-    def _lead(self, stop: threading.Event) -> bool:
+    def _lead(self, stop: threading.Event, backoff: Backoff) -> bool:
         """True if this projector may write now; otherwise stand by for a while."""
         lead = self.leadership
         if lead is None or lead.held():
@@ -348,8 +348,16 @@ class Projector:
                 self._forget()  # whatever the last leader wrote is news to this one
                 return True
         except TRANSIENT_ERRORS as exc:
+            # Postgres (or Redis) is down: not a reason to stand by, a reason to back off.
             self.metrics.store_error(exc)
-            log.warning("cannot contend for the lead (%s)", brief(exc))
+            delay = backoff.next()
+            log.warning(
+                "store unreachable (%s); cannot contend for the lead, retrying in %.2fs",
+                brief(exc),
+                delay,
+            )
+            stop.wait(delay)
+            return False
         self.metrics.standing_by()
         if not self._standing_by:
             log.info("standing by: another projector leads")
