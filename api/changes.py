@@ -94,6 +94,7 @@ class ChangeHub:
         self._shared_last = float("-inf")
         self._shared_timer: asyncio.TimerHandle | None = None
         self.wakes = 0  # notifications that woke at least one waiter (for tests and metrics)
+        self.closing = False  # the server is shutting down: streams end
         cache.listeners.append(self.notify)
 
     # -- subscriptions -------------------------------------------------------------------
@@ -222,6 +223,11 @@ class ChangeHub:
         self._shared_timer = None
         self._shared_last = asyncio.get_running_loop().time()
         self._wake(self._shared, rebind=False)
+
+    def shut_down(self) -> None:
+        """The server is stopping: wake everyone, and streams end (see api/live.py)."""
+        self.closing = True
+        self._wake_all()
 
     def close(self) -> None:
         if self._shared_timer is not None:

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
+from types import FrameType
 from typing import Annotated, Any
 
 import orjson
@@ -109,6 +112,8 @@ async def _events(
                     sent_at = loop.time()
                     continue
             sub.changed.clear()
+            if hub.closing:
+                return  # the server is stopping; EventSource reconnects, to another process
             if sub.rebind:
                 await hub.bind(sub)
             found = await hub.read(sub.handle)
@@ -120,6 +125,35 @@ async def _events(
                 last, sent_at = found.body, loop.time()
     finally:
         hub.unsubscribe(sub)
+
+
+def end_streams_on_exit(hub: ChangeHub) -> Callable[[], None]:
+    """Chain a handler before the server's own for SIGTERM and SIGINT that ends every stream.
+
+    uvicorn's graceful shutdown waits for the responses in progress, and a stream never ends by
+    itself: without this, a stopping API would wait for its clients for ever. Returns the undo.
+    Off the main thread (a test client), signals are not ours to handle: nothing is done.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(sig: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(hub.shut_down)
+        chained = previous[signal.Signals(sig)]
+        if callable(chained):
+            chained(sig, frame)
+
+    for sig in previous:
+        signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, chained in previous.items():
+            if chained is not None:
+                signal.signal(sig, chained)
+
+    return restore
 
 
 def _unavailable(request: Request) -> Response:

@@ -20,7 +20,14 @@ from api.changes import ChangeHub
 from api.docs import DASHBOARD_DESCRIPTION, DASHBOARD_RESPONSES, access_responses
 from api.errors import install_error_handlers
 from api.health import install_health
-from api.live import DEFAULT_WAIT_MS, MinSeq, WaitMs, live_router, stale_response
+from api.live import (
+    DEFAULT_WAIT_MS,
+    MinSeq,
+    WaitMs,
+    end_streams_on_exit,
+    live_router,
+    stale_response,
+)
 from api.metrics import install_metrics
 from api.store import DashboardStore
 from models.dashboard import Dashboard
@@ -72,6 +79,7 @@ def create_app(settings: RedisSettings | None = None) -> FastAPI:
             client, app.state.store, cache, conf.sse_shared_refresh_seconds
         )
         app.state.sse_heartbeat = conf.sse_heartbeat_seconds
+        restore_signals = end_streams_on_exit(app.state.changes)
         feed = asyncio.create_task(listen(conf.redis_url, cache), name="cache-invalidation")
         # Objects made at start-up live for ever; freezing them keeps the collector from
         # walking them on every collection, which showed as tens of ms of p99 latency.
@@ -82,6 +90,7 @@ def create_app(settings: RedisSettings | None = None) -> FastAPI:
         finally:
             feed.cancel()
             app.state.changes.close()
+            restore_signals()
             with contextlib.suppress(asyncio.CancelledError):
                 await feed
             await client.aclose()

@@ -9,6 +9,7 @@ answer's content (not stale, the new event present).
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -354,6 +355,26 @@ def test_flush_and_rebuild_wake_the_stream(
         rebuilt = events.until(lambda d: d["chain_meta"]["owner_chain_height"] >= seq)
     assert first["recent_events"][0]["seq"] < seq
     assert normalise(rebuilt.json()) == _oracle(engine, uid)
+
+
+def test_sigterm_ends_open_streams_and_the_api_exits(
+    engine: Engine, catch_up: Callable[[], None], procs: ProcGroup
+) -> None:
+    """uvicorn's graceful shutdown waits for responses in progress; streams must end for it."""
+    _seed(engine)
+    catch_up()
+    api = _api(procs)
+    with stream(api, "writer") as events:
+        assert events.next_event().name == "dashboard"
+        api.send(signal.SIGTERM)
+        deadline = time.monotonic() + READ_TIMEOUT
+        with pytest.raises(AssertionError, match="ended"):
+            while time.monotonic() < deadline:
+                events.next()  # heartbeats, until the stream ends
+            raise AssertionError("the stream is still open")
+        # uvicorn re-raises the signal once it has shut down cleanly: killed by SIGTERM, then.
+        assert api.wait(20) in (0, -signal.SIGTERM), api.log()
+        assert "Finished server process" in api.log()
 
 
 def test_many_streams_share_one_redis_subscription(
