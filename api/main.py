@@ -21,12 +21,11 @@ from api.docs import DASHBOARD_DESCRIPTION, DASHBOARD_RESPONSES, access_response
 from api.errors import install_error_handlers
 from api.health import install_health
 from api.live import (
-    DEFAULT_WAIT_MS,
-    MinSeq,
-    WaitMs,
+    WAIT_PARAMETERS,
     end_streams_on_exit,
     live_router,
     stale_response,
+    wait_params,
 )
 from api.metrics import install_metrics
 from api.store import DashboardStore
@@ -108,13 +107,10 @@ def create_app(settings: RedisSettings | None = None) -> FastAPI:
         description=DASHBOARD_DESCRIPTION,
         responses={**DASHBOARD_RESPONSES, **auth_responses},
         dependencies=guards,
+        openapi_extra=WAIT_PARAMETERS,
     )
-    async def dashboard(
-        handle: Handle,
-        request: Request,
-        min_seq: MinSeq = None,
-        wait_ms: WaitMs = DEFAULT_WAIT_MS,
-    ) -> Response:
+    async def dashboard(handle: Handle, request: Request) -> Response:
+        min_seq, wait_ms = wait_params(request)
         store: DashboardStore = request.app.state.store
         stale = False
         try:
