@@ -10,6 +10,7 @@ Run it with ``scripts/run demo`` (which sets up the venv, Redis and PostgreSQL 1
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -425,7 +426,21 @@ def contract_probes(api: str) -> None:
         note(f"GET {path} -> {found.status if found else 'no answer'}  ({why})")
 
 
-def story(stage: Stage) -> bool:
+def serve_page(stage: Stage, api: str, cast: Cast, seconds: float) -> None:
+    """Keep everything up so the page can be watched; a new event for the hero every 3 s."""
+    step(f"serving for {seconds:.0f}s: open {api}/ui/{HERO} (Ctrl-C ends it sooner)")
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(min(3.0, max(0.0, deadline - time.monotonic())))
+            with stage.engine.begin() as conn:
+                _, seq = p.add_event(conn, cast.hero_agents["scout"], "inference")
+            note(f"committed event seq {seq} for {HERO}: watch it arrive at the top of the page")
+    except KeyboardInterrupt:
+        note("interrupted: stopping")
+
+
+def story(stage: Stage, serve_seconds: float = 0) -> bool:
     step("seeding the platform's tables with plain SQL (as the platform's own app does)")
     cast = seed(stage.engine)
     rows = count_rows(stage.engine)
@@ -459,6 +474,9 @@ def story(stage: Stage) -> bool:
 
     step("raw JSON, as served")
     print(json.dumps(body, indent=2))
+    note(f"the live page: {api}/ui/{HERO} (run with --serve SECONDS to keep it up and watch it)")
+    if serve_seconds > 0:
+        serve_page(stage, api, cast, serve_seconds)
     return ok
 
 
@@ -475,7 +493,17 @@ def stop_services(stage: Stage) -> bool:
     return clean
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/run demo", description=__doc__)
+    parser.add_argument(
+        "--serve",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="after the story, keep the API and the projector up this long, with the live page"
+        " at /ui/hizrianraz and a new event every 3 s",
+    )
+    args = parser.parse_args(argv)
     started = time.monotonic()
     print("Audit-chain dashboards: the platform's story on throwaway Postgres and Redis")
     step("starting throwaway PostgreSQL 15 and Redis on loopback")
@@ -492,7 +520,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="demo-logs-") as logs:
             stage = Stage(pg, redis_server, engine, Path(logs), [])
             try:
-                ok = story(stage)
+                ok = story(stage, args.serve)
             finally:
                 step("stopping the API and the projector")
                 ok = stop_services(stage) and ok
