@@ -7,6 +7,7 @@ document, the tail and the cursor belong together.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,16 @@ def current_generation(client: redis.Redis) -> int | None:
 
 def head(client: redis.Redis) -> Head | None:
     """The served generation's cursor, height and projection; None without a read model."""
+    found = _read(client, lambda gen: [])
+    return None if found is None else _head(*found[:3])
+
+
+def _read(
+    client: redis.Redis, more: Callable[[int], list[str]]
+) -> tuple[int, bytes | None, bytes | None, list[bytes | None]] | None:
+    """(generation, cursor, tail, values of ``more(gen)``'s keys), read in one MULTI from the
+    served generation; None without a read model. Retried if a rebuild swaps generations
+    between finding the generation and reading it."""
     while True:
         gen = current_generation(client)
         if gen is None:
@@ -61,9 +72,11 @@ def head(client: redis.Redis) -> Head | None:
         pipe = client.pipeline(transaction=True)
         pipe.get(keys.CURRENT)
         pipe.hmget(keys.global_hash(gen), [keys.GLOBAL_POS, keys.GLOBAL_TAIL])
-        now, (pos, tail) = pipe.execute()
+        for key in more(gen):
+            pipe.get(key)
+        now, (pos, tail), *values = pipe.execute()
         if now is not None and int(now) == gen:
-            return _head(gen, pos, tail)
+            return gen, pos, tail, values
 
 
 def _head(gen: int, pos: bytes | None, tail: bytes | None) -> Head | None:
@@ -75,25 +88,21 @@ def _head(gen: int, pos: bytes | None, tail: bytes | None) -> Head | None:
 
 def served_user(client: redis.Redis, user_id: int, handle: str) -> ServedUser | None:
     """One user's dashboard as served now; None without a read model."""
-    while True:
-        gen = current_generation(client)
-        if gen is None:
-            return None
-        pipe = client.pipeline(transaction=True)
-        pipe.get(keys.CURRENT)
-        pipe.hmget(keys.global_hash(gen), [keys.GLOBAL_POS, keys.GLOBAL_TAIL])
-        pipe.get(keys.user_doc(gen, user_id))
-        valid = is_valid_handle(handle)
-        if valid:
-            pipe.get(keys.handle(gen, handle_key(handle)))
-        now, (pos, tail), doc, *indexed = pipe.execute()
-        if now is None or int(now) != gen:
-            continue  # a rebuild swapped generations between the two reads
-        top = _head(gen, pos, tail)
-        if top is None:
-            return None
-        body = None
-        if doc is not None and tail is not None and doc.endswith(DOC_SPLICE):
-            body = orjson.loads(doc[: -len(DOC_SPLICE)] + tail)
-        owner = indexed[0] if indexed else None
-        return ServedUser(top, body, None if owner is None else int(owner))
+    valid = is_valid_handle(handle)
+
+    def user_keys(gen: int) -> list[str]:
+        doc = keys.user_doc(gen, user_id)
+        return [doc, keys.handle(gen, handle_key(handle))] if valid else [doc]
+
+    found = _read(client, user_keys)
+    if found is None:
+        return None
+    gen, pos, tail, (doc, *indexed) = found
+    top = _head(gen, pos, tail)
+    if top is None:
+        return None
+    body = None
+    if doc is not None and tail is not None and doc.endswith(DOC_SPLICE):
+        body = orjson.loads(doc[: -len(DOC_SPLICE)] + tail)
+    owner = indexed[0] if indexed else None
+    return ServedUser(top, body, None if owner is None else int(owner))

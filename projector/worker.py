@@ -146,36 +146,27 @@ class Projector:
             batch.event_count, len(batch.changes), len(result.views), done - started, self.head
         )
         self.metrics.committed(batch.committed_at)
+        # One set of figures for both the text line and LOG_FORMAT=json's fields.
+        figures = {
+            "events": batch.event_count,
+            "candidates": len(events),
+            "changes": len(batch.changes),
+            "owners": len(result.views),
+            "recomputed": len(result.recompute),
+            "read_s": round(read_at - started, 6),
+            "slice_s": round(pg_at - started, 6),
+            "fold_s": round(folded_at - read_at, 6),
+            "recompute_s": round(recomputed_at - folded_at, 6),
+            "write_s": round(done - recomputed_at, 6),
+            "seq": cursor.events.n,
+        }
         log.info(
-            "batch: %d events (%d candidates), %d entity changes -> %d owners written,"
-            " %d recomputed; read %.3fs (slice %.3fs) fold %.3fs recompute %.3fs write %.3fs;"
-            " at seq %d",
-            batch.event_count,
-            len(events),
-            len(batch.changes),
-            len(result.views),
-            len(result.recompute),
-            read_at - started,
-            pg_at - started,
-            folded_at - read_at,
-            recomputed_at - folded_at,
-            done - recomputed_at,
-            cursor.events.n,
-            extra={
-                "fields": {
-                    "events": batch.event_count,
-                    "candidates": len(events),
-                    "changes": len(batch.changes),
-                    "owners": len(result.views),
-                    "recomputed": len(result.recompute),
-                    "read_s": round(read_at - started, 6),
-                    "slice_s": round(pg_at - started, 6),
-                    "fold_s": round(folded_at - read_at, 6),
-                    "recompute_s": round(recomputed_at - folded_at, 6),
-                    "write_s": round(done - recomputed_at, 6),
-                    "seq": cursor.events.n,
-                }
-            },
+            "batch: %(events)d events (%(candidates)d candidates), %(changes)d entity changes"
+            " -> %(owners)d owners written, %(recomputed)d recomputed; read %(read_s).3fs"
+            " (slice %(slice_s).3fs) fold %(fold_s).3fs recompute %(recompute_s).3fs"
+            " write %(write_s).3fs; at seq %(seq)d",
+            figures,
+            extra={"fields": figures},
         )
         return StepResult(batch.size, batch.horizon)
 
@@ -349,14 +340,7 @@ class Projector:
                 return True
         except TRANSIENT_ERRORS as exc:
             # Postgres (or Redis) is down: not a reason to stand by, a reason to back off.
-            self.metrics.store_error(exc)
-            delay = backoff.next()
-            log.warning(
-                "store unreachable (%s); cannot contend for the lead, retrying in %.2fs",
-                brief(exc),
-                delay,
-            )
-            stop.wait(delay)
+            self._wait_out(exc, backoff)
             return False
         self.metrics.standing_by()
         if not self._standing_by:
