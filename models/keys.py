@@ -12,6 +12,8 @@ by flipping one pointer):
     rm:g{g}:building                -> present while generation g is being built
     rm:g{g}:global                  -> hash: pos (cursor), height (global chain height), tail
     rm:g{g}:agent-owner             -> hash: agent id -> owner user id, the projector's routing
+    rm:g{g}:floors                  -> hash: user id -> "created_at seq" of the 12th event of the
+                                       user's top (full tops only); a hint for the projector
     rm:g{g}:h:{handle lowercased}   -> user id
     rm:g{g}:{u<id>}:doc             -> the user's prepared dashboard JSON (without global parts)
     rm:g{g}:{u<id>}:agents          -> hash: agent id -> agent name, the agents the user owns now
@@ -56,6 +58,10 @@ def global_hash(gen: int) -> str:
 
 def agent_owner(gen: int) -> str:
     return f"rm:g{gen}:agent-owner"
+
+
+def floors(gen: int) -> str:
+    return f"rm:g{gen}:floors"
 
 
 def handle(gen: int, handle_lower: str) -> str:

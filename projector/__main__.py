@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -74,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     leadership = Leadership(settings.database_url, client, settings.leader_lease_seconds)
     projector = Projector(engine, client, settings, leadership=leadership, metrics=metrics)
     log.info("projector starting%s", " (until caught up)" if args.until_caught_up else "")
+    # What start-up made (modules, classes: ~200k objects of SQLAlchemy, pydantic, redis-py)
+    # lives as long as the process; frozen, the collector stops walking it on every full
+    # collection a backlog batch triggers, and at exit (0.12 s of a cold 500k backlog).
+    gc.freeze()
     try:
         projector.run(stop, until_caught_up=args.until_caught_up)
     finally:

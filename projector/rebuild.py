@@ -14,13 +14,13 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import redis
-from sqlalchemy import Engine, select, text
+from redis.typing import EncodableT, FieldT
+from sqlalchemy import Engine, text
 
 from models import keys
 from models.handles import handle_key, is_valid_handle
-from models.tables import Agent, User
 from projector.records import Cursor, OwnerView, UserRow
-from projector.render import render_doc, render_tail
+from projector.render import encode_floor, floor_of, render_doc, render_tail
 from projector.sink import Fenced
 from projector.source import horizon, owner_windows
 
@@ -61,11 +61,11 @@ def snapshot_into(
             cursor = Cursor.below(h)
             users = [
                 UserRow(r.id, r.handle, r.display_name)
-                for r in conn.execute(select(User.id, User.handle, User.display_name))
+                for r in conn.execute(text("select id, handle, display_name from users"))
             ]
             agents_by_owner: dict[int, dict[int, str]] = defaultdict(dict)
             agent_owner: dict[int, int] = {}
-            for r in conn.execute(select(Agent.id, Agent.owner_id, Agent.name)):
+            for r in conn.execute(text("select id, owner_id, name from agents")):
                 agents_by_owner[r.owner_id][r.id] = r.name
                 agent_owner[r.id] = r.owner_id
             windows = owner_windows(conn, agents_by_owner, cursor.events)
@@ -79,17 +79,23 @@ def snapshot_into(
     read_s = time.monotonic() - started
     for start in range(0, len(users), _WRITE_CHUNK):
         pipe = client.pipeline(transaction=False)
+        floors: dict[FieldT, EncodableT] = {}
         for user in users[start : start + _WRITE_CHUNK]:
             top, height = windows.get(user.id, ([], 0))
             owned = agents_by_owner.get(user.id, {})
             view = OwnerView(user.id, user.handle, user.display_name, owned, top, height)
             pipe.set(keys.user_doc(gen, user.id), render_doc(view))
+            floor = floor_of(top)
+            if floor is not None:
+                floors[str(user.id)] = encode_floor(floor)
             if owned:
                 pipe.hset(
                     keys.user_agents(gen, user.id), mapping={str(a): n for a, n in owned.items()}
                 )
             if is_valid_handle(user.handle):
                 pipe.set(keys.handle(gen, handle_key(user.handle)), str(user.id))
+        if floors:
+            pipe.hset(keys.floors(gen), mapping=floors)
         pipe.expire(keys.building(gen), BUILD_MARKER_TTL_SECONDS)
         pipe.execute()
         if progress is not None:

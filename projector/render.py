@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from models.keys import TOP_N
 from projector.records import Cursor, Event, OwnerView, iso_utc
 
 DOC_SPLICE = b"}}"
@@ -88,3 +89,17 @@ def parse_doc(user_id: int, doc: bytes, agents: dict[int, str]) -> OwnerView:
         top=top,
         height=body["chain_meta"]["owner_chain_height"],
     )
+
+
+def floor_of(top: list[Event]) -> tuple[str, int] | None:
+    """The order key of the 12th event of a full top: no event older than it can enter."""
+    return top[TOP_N - 1].order_key if len(top) >= TOP_N else None
+
+
+def encode_floor(floor: tuple[str, int]) -> str:
+    return f"{floor[0]} {floor[1]}"
+
+
+def decode_floor(raw: bytes | str) -> tuple[str, int]:
+    created_at, seq = (raw.decode() if isinstance(raw, bytes) else raw).split(" ")
+    return created_at, int(seq)

@@ -20,7 +20,7 @@ from redis.connection import PythonRespSerializer
 from models import keys
 from projector.fold import FoldResult
 from projector.records import Cursor, OwnerView
-from projector.render import parse_doc, render_doc
+from projector.render import decode_floor, encode_floor, floor_of, parse_doc, render_doc
 
 
 class Mode(Enum):
@@ -123,6 +123,13 @@ class Sink:
         raw = self.r.hmget(keys.agent_owner(gen), [str(a) for a in agent_ids])
         return {a: int(o) for a, o in zip(agent_ids, raw, strict=True) if o is not None}
 
+    def floors(self, gen: int, user_ids: list[int]) -> dict[int, tuple[str, int]]:
+        """The floors hint of these users (those with a full top); see worker.step."""
+        if not user_ids:
+            return {}
+        raw = self.r.hmget(keys.floors(gen), [str(u) for u in user_ids])
+        return {u: decode_floor(f) for u, f in zip(user_ids, raw, strict=True) if f is not None}
+
     def views(self, gen: int, user_ids: list[int]) -> dict[int, OwnerView]:
         # One script call, not a pipeline of two commands per owner: a cold backlog batch loads
         # thousands of owners, and redis-py's per-command cost dominated the load.
@@ -177,6 +184,7 @@ def _user_ops(gen: int, result: FoldResult) -> list[str | bytes | int]:
     ops: list[str | bytes | int] = []
     for uid in result.deleted_users:
         ops += ["D", keys.user_doc(gen, uid), "D", keys.user_agents(gen, uid)]
+        ops += ["R", keys.floors(gen), str(uid)]
     for move in result.handle_moves:
         # Release only if it still points here: another user may have claimed it since, in an
         # order the log does not show (DELIF), and a case-only change keeps the same key.
@@ -184,8 +192,16 @@ def _user_ops(gen: int, result: FoldResult) -> list[str | bytes | int]:
             ops += ["X", keys.handle(gen, move.old), str(move.user_id)]
         if move.new is not None:
             ops += ["S", keys.handle(gen, move.new), str(move.user_id)]
+    floors = keys.floors(gen)
     for uid, view in result.views.items():
         ops += ["S", keys.user_doc(gen, uid), render_doc(view)]
+        # The floors hint moves with the document, in the same atomic write.
+        floor = floor_of(view.top)
+        ops += (
+            ["R", floors, str(uid)]
+            if floor is None
+            else ["H", floors, str(uid), encode_floor(floor)]
+        )
     return ops
 
 

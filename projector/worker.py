@@ -36,9 +36,10 @@ from projector.rebuild import (
     swap_in,
 )
 from projector.records import AgentRow, Cursor, OwnerView, Position
-from projector.render import render_tail
+from projector.render import floor_of, render_tail
 from projector.sink import Deposed, Fenced, Head, Mode, Sink
 from projector.source import (
+    Floors,
     candidates,
     fetch_agents,
     fetch_users,
@@ -109,18 +110,25 @@ class Projector:
                     a: row for a, (row, _) in batch.agents.items()
                 }
                 agents.update(fetch_agents(conn, log_agents - agents.keys()))
+                believed = self._agent_owners(head.gen, agents)
+                owners = {a.owner_id for a in agents.values() if a is not None}
+                hints = self._floor_hints(head.gen, owners)
                 raw = conn.connection.driver_connection
                 assert raw is not None
                 # Postgres ranks the slice while this thread loads state from Redis: the two
                 # waits overlap, and the connection is left to the ranking until it is done.
                 with ThreadPoolExecutor(max_workers=1) as pool:
-                    ranking = pool.submit(candidates, raw, batch)
+                    ranking = pool.submit(candidates, raw, batch, hints)
                     try:
-                        believed = self._agent_owners(head.gen, agents)
-                        owners = {a.owner_id for a in agents.values() if a is not None}
                         views = self._views(head.gen, owners | set(believed.values()) | log_users)
                     finally:
                         events = ranking.result()
+                state_at = time.perf_counter()
+                wrong = _wrong_hints(hints, views)
+                if wrong:
+                    # The hint may only ever cost speed: rank again by the documents' own floors.
+                    log.warning("floors hint above the stored tops of %d owners", len(wrong))
+                    events = candidates(raw, batch, _floors(views))
                 # User rows change only through the log; other owners need theirs only when
                 # the read model has never seen them.
                 users = fetch_users(conn, log_users | (owners - views.keys()))
@@ -155,6 +163,7 @@ class Projector:
             "recomputed": len(result.recompute),
             "read_s": round(read_at - started, 6),
             "slice_s": round(pg_at - started, 6),
+            "state_s": round(state_at - pg_at, 6),
             "fold_s": round(folded_at - read_at, 6),
             "recompute_s": round(recomputed_at - folded_at, 6),
             "write_s": round(done - recomputed_at, 6),
@@ -163,8 +172,8 @@ class Projector:
         log.info(
             "batch: %(events)d events (%(candidates)d candidates), %(changes)d entity changes"
             " -> %(owners)d owners written, %(recomputed)d recomputed; read %(read_s).3fs"
-            " (slice %(slice_s).3fs) fold %(fold_s).3fs recompute %(recompute_s).3fs"
-            " write %(write_s).3fs; at seq %(seq)d",
+            " (slice %(slice_s).3fs, state+rank %(state_s).3fs) fold %(fold_s).3fs"
+            " recompute %(recompute_s).3fs write %(write_s).3fs; at seq %(seq)d",
             figures,
             extra={"fields": figures},
         )
@@ -175,6 +184,20 @@ class Projector:
     # thousands of documents back for every batch. Any doubt (a fence, an error) forgets it.
     def _agent_owners(self, gen: int, agent_ids: Collection[int]) -> dict[int, int]:
         return _read_through(self._owner_cache, agent_ids, partial(self.sink.agent_owners, gen))
+
+    def _floor_hints(self, gen: int, owners: Collection[int]) -> Floors:
+        # Each owner's floor (the 12th event of their top) lets Postgres drop most of a big
+        # slice before sorting it. The documents hold the floors, but loading them is what the
+        # ranking overlaps with; so ask the cache, then the floors hash written with them.
+        hints: Floors = {}
+        missing = []
+        for uid in owners:
+            view = self._view_cache.get(uid)
+            if view is None:
+                missing.append(uid)
+            elif (floor := floor_of(view.top)) is not None:
+                hints[uid] = floor
+        return hints | self.sink.floors(gen, missing)
 
     def _views(self, gen: int, user_ids: Collection[int]) -> dict[int, OwnerView]:
         return _read_through(self._view_cache, user_ids, partial(self.sink.views, gen))
@@ -386,6 +409,22 @@ class Projector:
         # horizon has passed that, all of it has been read.
         with self.engine.connect() as conn:
             return horizon_and_xmax(conn)[1]
+
+
+def _floors(views: dict[int, OwnerView]) -> Floors:
+    return {uid: floor for uid, v in views.items() if (floor := floor_of(v.top)) is not None}
+
+
+def _wrong_hints(hints: Floors, views: dict[int, OwnerView]) -> list[int]:
+    """Owners whose hinted floor is above their stored top's: ranking by it may have dropped
+    events that belong in their top. (A lower or missing hint only lets more through.)"""
+    wrong = []
+    for uid, hint in hints.items():
+        view = views.get(uid)
+        floor = None if view is None else floor_of(view.top)
+        if floor is None or hint > floor:
+            wrong.append(uid)
+    return wrong
 
 
 def _read_through(
