@@ -132,8 +132,10 @@ class ProjectorSettings(RedisSettings):
 
     database_url: str
     # Events per batch. Big on purpose: a batch's cost is mostly one rewrite per touched owner,
-    # so a backlog is cheapest in few large slices; live traffic makes small ones anyway.
-    batch_size: int = Field(default=500_000, ge=1)
+    # so a backlog is cheapest in few large slices; live traffic makes small ones anyway. What
+    # the projector holds grows with owners, not events (Postgres ranks the slice), and the
+    # Postgres side of a 1M slice needs ~100 MB of its work_mem.
+    batch_size: int = Field(default=1_000_000, ge=1)
     # Upper bound on how long the worker sleeps without a NOTIFY before looking again: a
     # transaction that rolls back sends none, yet it may have been holding the horizon back.
     idle_poll_seconds: float = Field(default=0.5, gt=0)
