@@ -33,6 +33,7 @@ from sqlalchemy import Engine, text
 
 from models import keys
 from models.handles import is_valid_handle
+from models.keys import TOP_N
 from models.settings import get_projector_settings
 from projector import logs, readmodel
 from projector.db import make_engine
@@ -63,9 +64,11 @@ class Plan:
     @property
     def keys(self) -> int:
         # A document per user, an agents hash per owner, a handle key per valid handle, plus
-        # the generation's global hash and (when any agent exists) its agent-owner hash.
+        # the generation's global hash, (when any agent exists) its agent-owner hash and (taken
+        # to exist once there are 12 events: some owner's top is then usually full) its floors.
         routing = 1 if self.agents else 0
-        return self.users + self.owners_with_agents + self.indexed_handles + 1 + routing
+        floors = 1 if self.events >= TOP_N else 0
+        return self.users + self.owners_with_agents + self.indexed_handles + 1 + routing + floors
 
 
 def plan(engine: Engine) -> Plan:
