@@ -156,7 +156,7 @@ def _slice(raw: psycopg.Connection[Any], after: Position, h: int, limit: int) ->
         # hashing them): sorting is ruled out for this statement.
         cur.execute("select set_config('enable_sort', 'off', true)")
         cur.execute(
-            "select a.id, a.owner_id, a.name, m.height, m.events, m.tx::text from ("
+            "select a.id, a.owner_id, a.name, m.height, m.events, m.tx::text::bigint from ("
             " select s.agent_id, max(s.seq) as height, count(*) as events, max(s.tx_id) as tx"
             " from (select e.tx_id, e.seq, e.agent_id from audit_events e"
             f" where (e.tx_id, e.seq) > ({_XID.format('%(x)s')}, %(n)s)"
@@ -167,13 +167,9 @@ def _slice(raw: psycopg.Connection[Any], after: Position, h: int, limit: int) ->
         )
         rows = cur.fetchall()
         cur.execute("select set_config('enable_sort', 'on', true)")
-        agents: dict[int, tuple[AgentRow, int]] = {}
-        count = 0
-        last_tx = 0
-        for agent_id, owner_id, name, height, events, tx in rows:
-            agents[agent_id] = (AgentRow(agent_id, owner_id, name), height)
-            count += events
-            last_tx = max(last_tx, int(tx))
+        agents = {r[0]: (AgentRow(*r[:3]), r[3]) for r in rows}
+        count = sum(r[4] for r in rows)
+        last_tx = max((r[5] for r in rows), default=0)
         if not count:
             return _Slice(None, agents, 0, None)
         # The slice ends in its newest transaction. Short of the limit it holds all of that
