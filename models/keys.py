@@ -85,4 +85,5 @@ INVALIDATE_CHANNEL = "__redis__:invalidate"
 # one round trip and one atomic view; these templates keep the names defined here only.
 LUA_HANDLE_TEMPLATE = "'rm:g' .. gen .. ':h:' .. ARGV[1]"
 LUA_DOC_TEMPLATE = "'rm:g' .. gen .. ':{u' .. uid .. '}:doc'"
+LUA_AGENTS_TEMPLATE = "'rm:g' .. gen .. ':{u' .. uid .. '}:agents'"
 LUA_GLOBAL_TEMPLATE = "'rm:g' .. gen .. ':global'"

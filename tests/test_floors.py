@@ -21,11 +21,20 @@ from sqlalchemy import Engine
 
 from models import keys
 from models.settings import ProjectorSettings
+from projector import source
 from projector.render import decode_floor
 from projector.worker import Projector
 from scripts import platform_sim as p
 
 T0 = datetime(2025, 3, 1, tzinfo=UTC)
+
+
+@pytest.fixture(autouse=True, params=["small slices", "big slices"])
+def slice_size(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test twice: ranked as a live batch is (floors joined), and as a backlog's batch is
+    (floors in arrays indexed by agent id, see source.candidates)."""
+    if request.param == "big slices":
+        monkeypatch.setattr(source, "BIG_SLICE", 1)
 
 
 def _world(engine: Engine, rng: random.Random) -> dict[str, list[int]]:
