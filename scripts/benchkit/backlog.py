@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,15 +60,27 @@ def _vmrss_kib(pid: int) -> int:
 
 
 def wait_sampling_rss(proc: subprocess.Popen[bytes], every: float = 0.05) -> int:
-    """Wait for ``proc`` to exit, sampling its RSS every ``every`` s; the peak in KiB."""
+    """Wait for ``proc`` to exit, sampling its RSS every ``every`` s; the peak in KiB.
+
+    The sampling runs on a thread and the wait blocks in waitpid, so the exit is seen at once:
+    ``Popen.wait`` with a timeout polls with sleeps of up to 50 ms, which the projector's
+    timing would otherwise include.
+    """
     peak = 0
-    while True:
-        peak = max(peak, _vmrss_kib(proc.pid))
-        try:
-            proc.wait(every)
-            return peak
-        except subprocess.TimeoutExpired:
-            continue
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _vmrss_kib(proc.pid))
+            done.wait(every)
+
+    sampler = threading.Thread(target=sample, name="rss-sampler", daemon=True)
+    sampler.start()
+    proc.wait()
+    done.set()
+    sampler.join()
+    return peak
 
 
 _BATCH_TIMES = re.compile(r"read ([\d.]+)s .*fold ([\d.]+)s recompute ([\d.]+)s write ([\d.]+)s")
