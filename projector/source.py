@@ -100,7 +100,8 @@ def candidates(raw: psycopg.Connection[Any], batch: Batch, floors: Floors) -> li
     params: dict[str, Any] = {"x": after.xid, "n": after.n, "ex": end.xid, "en": end.n}
     lo, hi = min(batch.agents), max(batch.agents)
     big = batch.event_count >= BIG_SLICE
-    if big and hi - lo < 4 * len(batch.agents):
+    dense = hi - lo < 4 * len(batch.agents)
+    if big and dense:
         # Each event is checked against its agent's floor by position in two arrays indexed by
         # agent id, before any join: Postgres has not analysed rows committed seconds ago and
         # would otherwise hash the whole slice to join it (0.28 s for 500k events, against
@@ -144,7 +145,7 @@ def candidates(raw: psycopg.Connection[Any], batch: Batch, floors: Floors) -> li
     )
     # Straight from the psycopg cursor: plain tuples, no per-row wrapper, on the hot path.
     with raw.cursor() as cur:
-        if big and "agents" in params:
+        if big and not dense:
             # Without statistics on the slice, Postgres probes the agents' key once per event
             # of a big one (0.7 s for 500k events, against 0.25 s hashing them): rule that
             # plan out for the rest of this transaction (only this query joins).
