@@ -29,12 +29,24 @@ from scripts import platform_sim as p
 T0 = datetime(2025, 3, 1, tzinfo=UTC)
 
 
-@pytest.fixture(autouse=True, params=["small slices", "big slices"])
-def slice_size(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test twice: ranked as a live batch is (floors joined), and as a backlog's batch is
-    (floors in arrays indexed by agent id, see source.candidates)."""
-    if request.param == "big slices":
+@pytest.fixture(params=["small slice", "big slice, dense ids", "big slice, sparse ids"])
+def any_slice(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Ranked as a live batch is (no floors), or as a backlog's batch is (floors in arrays
+    indexed by agent id, or joined by owner; see source.candidates)."""
+    if request.param != "small slice":
         monkeypatch.setattr(source, "BIG_SLICE", 1)
+    if request.param == "big slice, sparse ids":
+        monkeypatch.setattr(source, "DENSE_SPAN", 0)
+    return str(request.param)
+
+
+@pytest.fixture(params=["big slice, dense ids", "big slice, sparse ids"])
+def big_slice(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Only the ways of ranking that use the floors."""
+    monkeypatch.setattr(source, "BIG_SLICE", 1)
+    if request.param == "big slice, sparse ids":
+        monkeypatch.setattr(source, "DENSE_SPAN", 0)
+    return str(request.param)
 
 
 def _world(engine: Engine, rng: random.Random) -> dict[str, list[int]]:
@@ -83,6 +95,7 @@ def _run(engine: Engine, client: redis.Redis, settings: ProjectorSettings) -> No
 
 
 def test_the_hint_is_each_full_tops_12th_event(
+    any_slice: str,
     engine: Engine,
     rclient: redis.Redis,
     settings: ProjectorSettings,
@@ -113,6 +126,7 @@ def test_the_hint_is_each_full_tops_12th_event(
 
 
 def test_events_older_than_every_floor_reach_no_ranking(
+    big_slice: str,
     engine: Engine,
     rclient: redis.Redis,
     settings: ProjectorSettings,
@@ -133,6 +147,7 @@ def test_events_older_than_every_floor_reach_no_ranking(
 
 
 def test_a_hint_above_the_top_costs_speed_not_correctness(
+    big_slice: str,
     engine: Engine,
     rclient: redis.Redis,
     settings: ProjectorSettings,
