@@ -81,6 +81,13 @@ def _in_slice(param: Callable[[str], str]) -> str:
 
 Floors = dict[int, tuple[str, int]]  # owner -> order key of the 12th event of their top
 BIG_SLICE = 20_000  # events; see candidates
+
+
+def ranks_with_floors(batch: Batch) -> bool:
+    """Whether ``candidates`` uses the owners' floors: only a big slice is worth filtering."""
+    return batch.event_count >= BIG_SLICE
+
+
 DENSE_SPAN = 4  # agent ids spanning at most this many per agent count as dense
 
 
@@ -100,7 +107,7 @@ def candidates(raw: psycopg.Connection[Any], batch: Batch, floors: Floors) -> li
     after, end = batch.events_after, batch.events_end
     params: dict[str, Any] = {"x": after.xid, "n": after.n, "ex": end.xid, "en": end.n}
     lo, hi = min(batch.agents), max(batch.agents)
-    big = batch.event_count >= BIG_SLICE
+    big = ranks_with_floors(batch)
     dense = hi - lo < DENSE_SPAN * len(batch.agents)
     if not big:
         # A live batch: sorting all of it costs little, and each event finds its agent by key.

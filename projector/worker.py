@@ -45,6 +45,7 @@ from projector.source import (
     fetch_users,
     horizon_and_xmax,
     owner_windows,
+    ranks_with_floors,
     read_batch,
 )
 from projector.wakeup import Wakeup
@@ -112,7 +113,8 @@ class Projector:
                 agents.update(fetch_agents(conn, log_agents - agents.keys()))
                 believed = self._agent_owners(head.gen, agents)
                 owners = {a.owner_id for a in agents.values() if a is not None}
-                hints = self._floor_hints(head.gen, owners)
+                # A live batch is ranked without floors: no hint to look up (or check).
+                hints = self._floor_hints(head.gen, owners) if ranks_with_floors(batch) else {}
                 raw = conn.connection.driver_connection
                 assert raw is not None
                 # Postgres ranks the slice while this thread loads state from Redis: the two

@@ -29,24 +29,25 @@ from scripts import platform_sim as p
 T0 = datetime(2025, 3, 1, tzinfo=UTC)
 
 
+def _rank_as(kind: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    if kind != "small slice":
+        monkeypatch.setattr(source, "BIG_SLICE", 1)
+    if kind == "big slice, sparse ids":
+        monkeypatch.setattr(source, "DENSE_SPAN", 0)
+    return kind
+
+
 @pytest.fixture(params=["small slice", "big slice, dense ids", "big slice, sparse ids"])
 def any_slice(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Ranked as a live batch is (no floors), or as a backlog's batch is (floors in arrays
     indexed by agent id, or joined by owner; see source.candidates)."""
-    if request.param != "small slice":
-        monkeypatch.setattr(source, "BIG_SLICE", 1)
-    if request.param == "big slice, sparse ids":
-        monkeypatch.setattr(source, "DENSE_SPAN", 0)
-    return str(request.param)
+    return _rank_as(request.param, monkeypatch)
 
 
 @pytest.fixture(params=["big slice, dense ids", "big slice, sparse ids"])
 def big_slice(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Only the ways of ranking that use the floors."""
-    monkeypatch.setattr(source, "BIG_SLICE", 1)
-    if request.param == "big slice, sparse ids":
-        monkeypatch.setattr(source, "DENSE_SPAN", 0)
-    return str(request.param)
+    return _rank_as(request.param, monkeypatch)
 
 
 def _world(engine: Engine, rng: random.Random) -> dict[str, list[int]]:
