@@ -15,7 +15,7 @@ from prometheus_client import disable_created_metrics
 
 from models.settings import get_projector_settings
 from projector import logs
-from projector.db import make_engine
+from projector.db import Database
 from projector.leader import Leadership
 from projector.metrics import Metrics, PrometheusMetrics
 from projector.sink import connect
@@ -68,12 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = get_projector_settings()
     logs.setup(settings.log_format)
     metrics = _metrics(settings.database_url, settings.metrics_port, settings.metrics_host)
-    engine = make_engine(settings.database_url, pool_size=2)
+    db = Database(settings.database_url)
     client = connect(settings.redis_url)
     stop = threading.Event()
     _install_signals(stop)
     leadership = Leadership(settings.database_url, client, settings.leader_lease_seconds)
-    projector = Projector(engine, client, settings, leadership=leadership, metrics=metrics)
+    projector = Projector(db, client, settings, leadership=leadership, metrics=metrics)
     log.info("projector starting%s", " (until caught up)" if args.until_caught_up else "")
     # What start-up made (modules, classes: ~80k objects of SQLAlchemy, pydantic, redis-py)
     # lives as long as the process; frozen, the collector stops walking it on every full
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         leadership.release()
         if isinstance(metrics, PrometheusMetrics):
             metrics.close()
-        engine.dispose()
+        db.close()
         client.close()
     if projector.head is not None:
         log.info(

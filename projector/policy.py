@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import psycopg
 import redis
-from sqlalchemy.exc import DBAPIError, OperationalError
 
 # What "the other side is unreachable or refusing for a while" looks like; anything else is a
 # bug and ends the worker loudly rather than retrying for ever.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    OperationalError,
-    DBAPIError,
+    # Connection lost or refused, server shutting down, statement cancelled, too many clients.
     psycopg.OperationalError,
+    # An operator's idle_in_transaction_session_timeout ended the session mid-batch.
+    psycopg.errors.IdleInTransactionSessionTimeout,
     redis.ConnectionError,
     redis.TimeoutError,
     redis.BusyLoadingError,
@@ -27,7 +27,7 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 
 def is_statement_timeout(exc: BaseException) -> bool:
     """Postgres cancelled a statement (statement_timeout, or an operator's pg_cancel_backend)."""
-    return isinstance(getattr(exc, "orig", None) or exc, psycopg.errors.QueryCanceled)
+    return isinstance(exc, psycopg.errors.QueryCanceled)
 
 
 def brief(exc: BaseException) -> str:

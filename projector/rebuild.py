@@ -15,10 +15,10 @@ from collections.abc import Callable
 
 import redis
 from redis.typing import EncodableT, FieldT
-from sqlalchemy import Engine, text
 
 from models import keys
 from models.handles import handle_key, is_valid_handle
+from projector.db import Conn, Database
 from projector.records import Cursor, OwnerView, UserRow
 from projector.render import encode_floor, floor_of, render_doc, render_tail
 from projector.sink import Fenced
@@ -51,31 +51,23 @@ def new_generation(client: redis.Redis) -> int:
 
 
 def snapshot_into(
-    engine: Engine, client: redis.Redis, gen: int, progress: Progress | None = None
+    db: Database, client: redis.Redis, gen: int, progress: Progress | None = None
 ) -> Cursor:
     """Write generation ``gen`` from one consistent snapshot; return the cursor it stands at."""
     started = time.monotonic()
-    with engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn:
-        with conn.begin():
-            h = horizon(conn)
-            cursor = Cursor.below(h)
-            users = [
-                UserRow(r.id, r.handle, r.display_name)
-                for r in conn.execute(text("select id, handle, display_name from users"))
-            ]
-            agents_by_owner: dict[int, dict[int, str]] = defaultdict(dict)
-            agent_owner: dict[int, int] = {}
-            for r in conn.execute(text("select id, owner_id, name from agents")):
-                agents_by_owner[r.owner_id][r.id] = r.name
-                agent_owner[r.id] = r.owner_id
-            windows = owner_windows(conn, agents_by_owner, cursor.events)
-            global_height = conn.execute(
-                text(
-                    "select coalesce(max(seq), 0) from audit_events"
-                    " where tx_id < cast(cast(:h as text) as xid8)"
-                ),
-                {"h": h},
-            ).scalar_one()
+    with db.transaction(repeatable_read=True) as conn:
+        h = horizon(conn)
+        cursor = Cursor.below(h)
+        users = [
+            UserRow(*row) for row in conn.execute("select id, handle, display_name from users")
+        ]
+        agents_by_owner: dict[int, dict[int, str]] = defaultdict(dict)
+        agent_owner: dict[int, int] = {}
+        for agent_id, owner_id, name in conn.execute("select id, owner_id, name from agents"):
+            agents_by_owner[owner_id][agent_id] = name
+            agent_owner[agent_id] = owner_id
+        windows = owner_windows(conn, agents_by_owner, cursor.events)
+        global_height = _max_seq_below(conn, h)
     read_s = time.monotonic() - started
     for start in range(0, len(users), _WRITE_CHUNK):
         pipe = client.pipeline(transaction=False)
@@ -121,6 +113,16 @@ def snapshot_into(
         time.monotonic() - started,
     )
     return cursor
+
+
+def _max_seq_below(conn: Conn, h: int) -> int:
+    """The chain's height as seen by everything below the horizon ``h``."""
+    row = conn.execute(
+        "select coalesce(max(seq), 0) from audit_events where tx_id < %(h)s::text::xid8",
+        {"h": h},
+    ).fetchone()
+    assert row is not None  # an aggregate: always one row
+    return int(row[0])
 
 
 def swap_in(client: redis.Redis, gen: int) -> int | None:

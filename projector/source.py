@@ -13,10 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
 
-import psycopg
-from sqlalchemy import Connection, text
-
 from models.keys import TOP_N
+from projector.db import Conn
 from projector.records import AgentRow, Event, Position, UserRow
 
 _XID = "cast(cast({} as text) as xid8)"
@@ -55,20 +53,22 @@ def _event(row: Sequence[Any]) -> Event:
     return Event(*row[:_EVENT_FIELDS])
 
 
-def horizon(conn: Connection) -> int:
-    return int(
-        conn.execute(text("select pg_snapshot_xmin(pg_current_snapshot())::text")).scalar_one()
+def _one(conn: Conn, query: str, params: dict[str, Any] | None = None) -> tuple[Any, ...]:
+    row = conn.execute(query, params).fetchone()
+    assert row is not None, query  # only ever asked of queries that return a row
+    return row
+
+
+def horizon(conn: Conn) -> int:
+    return int(_one(conn, "select pg_snapshot_xmin(pg_current_snapshot())::text")[0])
+
+
+def horizon_and_xmax(conn: Conn) -> tuple[int, int]:
+    xmin, xmax = _one(
+        conn,
+        "select pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text from pg_current_snapshot() s",
     )
-
-
-def horizon_and_xmax(conn: Connection) -> tuple[int, int]:
-    row = conn.execute(
-        text(
-            "select pg_snapshot_xmin(s)::text as xmin, pg_snapshot_xmax(s)::text as xmax "
-            "from pg_current_snapshot() s"
-        )
-    ).one()
-    return int(row.xmin), int(row.xmax)
+    return int(xmin), int(xmax)
 
 
 def _in_slice(param: Callable[[str], str]) -> str:
@@ -91,7 +91,7 @@ def ranks_with_floors(batch: Batch) -> bool:
 DENSE_SPAN = 4  # agent ids spanning at most this many per agent count as dense
 
 
-def candidates(raw: psycopg.Connection[Any], batch: Batch, floors: Floors) -> list[Event]:
+def candidates(raw: Conn, batch: Batch, floors: Floors) -> list[Event]:
     """Per current owner, the slice's 12 most recent events that are newer than the owner's
     floor: nothing else in the slice can enter anyone's top 12. Run on the batch's connection,
     inside its snapshot.
@@ -176,7 +176,7 @@ class _Slice(NamedTuple):
     committed: datetime | None
 
 
-def _slice(raw: psycopg.Connection[Any], after: Position, h: int, limit: int) -> _Slice:
+def _slice(raw: Conn, after: Position, h: int, limit: int) -> _Slice:
     """The next slice's end, and its agents (current row, max seq); one pass over the slice."""
     params = {"x": after.xid, "n": after.n, "h": h, "limit": limit}
     # One pass, straight into a hash aggregate: no materialised slice to scan again.
@@ -230,25 +230,19 @@ def _slice(raw: psycopg.Connection[Any], after: Position, h: int, limit: int) ->
         return _Slice(end, agents, count, found[2])
 
 
-def read_batch(
-    conn: Connection, events_after: Position, changes_after: Position, limit: int
-) -> Batch:
+def read_batch(conn: Conn, events_after: Position, changes_after: Position, limit: int) -> Batch:
     """Read the next slice below the horizon; ``conn`` must be in a REPEATABLE READ transaction,
     so that ``candidates`` ranks by owner in the snapshot the agent rows come from."""
     h = horizon(conn)
-    raw = conn.connection.driver_connection
-    assert raw is not None
-    found = _slice(raw, events_after, h, limit)
+    found = _slice(conn, events_after, h, limit)
     committed = found.committed
     change_rows = conn.execute(
-        text(
-            "select c.tx_id::text as tx, c.id, c.kind, c.entity_id from projector_entity_changes c "
-            f"where (c.tx_id, c.id) > ({_XID.format(':x')}, :n) and c.tx_id < {_XID.format(':h')} "
-            "order by c.tx_id, c.id limit :limit"
-        ),
+        "select c.tx_id::text, c.id, c.kind, c.entity_id from projector_entity_changes c"
+        f" where (c.tx_id, c.id) > ({_XID.format('%(x)s')}, %(n)s)"
+        f" and c.tx_id < {_XID.format('%(h)s')} order by c.tx_id, c.id limit %(limit)s",
         {"x": changes_after.xid, "n": changes_after.n, "h": h, "limit": limit},
-    ).all()
-    changes = [(int(r.tx), r.id, r.kind, r.entity_id) for r in change_rows]
+    ).fetchall()
+    changes = [(int(tx), change_id, kind, entity) for tx, change_id, kind, entity in change_rows]
     if changes and (found.end is None or changes[-1][0] > found.end.xid):
         committed = _commit_time(conn, changes[-1][0])
     return Batch(
@@ -270,30 +264,28 @@ _COMMIT_TIME = (
 )
 
 
-def _commit_time(conn: Connection, xid: int) -> datetime | None:
-    value: datetime | None = conn.execute(
-        text("select " + _COMMIT_TIME.format(_XID.format(":x"))), {"x": xid}
-    ).scalar_one()
+def _commit_time(conn: Conn, xid: int) -> datetime | None:
+    value: datetime | None = _one(
+        conn, "select " + _COMMIT_TIME.format(_XID.format("%(x)s")), {"x": xid}
+    )[0]
     return value
 
 
-def fetch_agents(conn: Connection, ids: Iterable[int]) -> dict[int, AgentRow | None]:
+def fetch_agents(conn: Conn, ids: Iterable[int]) -> dict[int, AgentRow | None]:
     wanted = sorted(set(ids))
     found: dict[int, AgentRow | None] = dict.fromkeys(wanted)
-    query = text("select id, owner_id, name from agents where id = any(cast(:ids as bigint[]))")
-    for r in conn.execute(query, {"ids": wanted}):
-        found[r.id] = AgentRow(r.id, r.owner_id, r.name)
+    query = "select id, owner_id, name from agents where id = any(%(ids)s::bigint[])"
+    for agent_id, owner_id, name in conn.execute(query, {"ids": wanted}):
+        found[agent_id] = AgentRow(agent_id, owner_id, name)
     return found
 
 
-def fetch_users(conn: Connection, ids: Iterable[int]) -> dict[int, UserRow | None]:
+def fetch_users(conn: Conn, ids: Iterable[int]) -> dict[int, UserRow | None]:
     wanted = sorted(set(ids))
     found: dict[int, UserRow | None] = dict.fromkeys(wanted)
-    query = text(
-        "select id, handle, display_name from users where id = any(cast(:ids as bigint[]))"
-    )
-    for r in conn.execute(query, {"ids": wanted}):
-        found[r.id] = UserRow(r.id, r.handle, r.display_name)
+    query = "select id, handle, display_name from users where id = any(%(ids)s::bigint[])"
+    for user_id, handle, display_name in conn.execute(query, {"ids": wanted}):
+        found[user_id] = UserRow(user_id, handle, display_name)
     return found
 
 
@@ -301,7 +293,7 @@ _WINDOW_CHUNK = 2000  # agents per query: big enough to amortise the round trip
 
 
 def owner_windows(
-    conn: Connection, agents_by_owner: Mapping[int, Iterable[int]], upto: Position
+    conn: Conn, agents_by_owner: Mapping[int, Iterable[int]], upto: Position
 ) -> dict[int, tuple[list[Event], int]]:
     """Per owner: top-12 and chain height over the agents they own, events bounded by ``upto``.
 
@@ -328,46 +320,42 @@ def owner_windows(
 
 
 def _owner_chunk(
-    conn: Connection,
+    conn: Conn,
     ids: list[int],
     owners: list[int],
     upto: Position,
     result: dict[int, tuple[list[Event], int]],
 ) -> None:
     params = {"ids": ids, "owners": owners, "x": upto.xid, "n": upto.n, "top": TOP_N}
-    bound = f"(e.tx_id, e.seq) <= ({_XID.format(':x')}, :n)"
-    pairs = "unnest(cast(:ids as bigint[]), cast(:owners as bigint[])) as u(id, owner)"
+    bound = f"(e.tx_id, e.seq) <= ({_XID.format('%(x)s')}, %(n)s)"
+    pairs = "unnest(%(ids)s::bigint[], %(owners)s::bigint[]) as u(id, owner)"
     # Each agent's 12 newest sort keys come from the (agent_id, created_at, seq) index alone
     # (tx_id is included for the bound); the owner's 12 best of those are the only rows read
     # from the heap, found by seq through its unique index. ``= any(array(...))`` keeps the
     # planner on that index: a plain join to the winners was planned as a sequential scan.
     rows = conn.execute(
-        text(
-            f"with c as (select u.owner, k.created_at, k.seq from {pairs} cross join lateral ("
-            " select e.created_at, e.seq from audit_events e"
-            f" where e.agent_id = u.id and {bound}"
-            " order by e.created_at desc, e.seq desc limit :top) k),"
-            " w as materialized (select owner, seq from (select owner, seq, row_number() over"
-            " (partition by owner order by created_at desc, seq desc) as rank from c) r"
-            " where rank <= :top)"
-            f" select {_EVENT_COLUMNS}, w.owner from audit_events e join w on w.seq = e.seq"
-            " where e.seq = any(array(select seq from w))"
-        ),
+        f"with c as (select u.owner, k.created_at, k.seq from {pairs} cross join lateral ("
+        " select e.created_at, e.seq from audit_events e"
+        f" where e.agent_id = u.id and {bound}"
+        " order by e.created_at desc, e.seq desc limit %(top)s) k),"
+        " w as materialized (select owner, seq from (select owner, seq, row_number() over"
+        " (partition by owner order by created_at desc, seq desc) as rank from c) r"
+        " where rank <= %(top)s)"
+        f" select {_EVENT_COLUMNS}, w.owner from audit_events e join w on w.seq = e.seq"
+        " where e.seq = any(array(select seq from w))",
         params,
     )
-    for r in rows:
-        result[r.owner][0].append(_event(r))
+    for row in rows:
+        result[row[_EVENT_FIELDS]][0].append(_event(row))
     heights = conn.execute(
-        text(
-            f"select u.owner, max(h.height) as height from {pairs} cross join lateral ("
-            f" select max(e.seq) as height from audit_events e where e.agent_id = u.id and {bound}"
-            ") h group by u.owner"
-        ),
+        f"select u.owner, max(h.height) from {pairs} cross join lateral ("
+        f" select max(e.seq) as height from audit_events e where e.agent_id = u.id and {bound}"
+        ") h group by u.owner",
         params,
     )
-    for r in heights:
-        top = sorted(result[r.owner][0], key=_order_key, reverse=True)
-        result[r.owner] = (top, r.height or 0)
+    for owner, height in heights:
+        top = sorted(result[owner][0], key=_order_key, reverse=True)
+        result[owner] = (top, height or 0)
 
 
 def _order_key(e: Event) -> tuple[str, int]:

@@ -14,10 +14,10 @@ from typing import TypeVar
 
 import orjson
 import redis
-from sqlalchemy import Engine
 
 from models import keys
 from models.settings import ProjectorSettings
+from projector.db import Database
 from projector.fold import FoldResult, Loaded, fold
 from projector.leader import Leadership
 from projector.metrics import Metrics
@@ -65,7 +65,7 @@ class StepResult:
 class Projector:
     def __init__(
         self,
-        engine: Engine,
+        db: Database,
         client: redis.Redis,
         settings: ProjectorSettings,
         *,
@@ -74,7 +74,7 @@ class Projector:
         leadership: Leadership | None = None,
         metrics: Metrics | None = None,
     ) -> None:
-        self.engine = engine
+        self.db = db
         self.client = client
         self.sink = Sink(client)
         self.settings = settings
@@ -97,43 +97,38 @@ class Projector:
         head = self.head or self._load_head()
         self.head = head
         started = time.perf_counter()
-        with self.engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn:
-            with conn.begin():
-                batch = read_batch(
-                    conn, head.cursor.events, head.cursor.changes, self.batch_limit.value
-                )
-                if not batch.size:
-                    return StepResult(0, batch.horizon)
-                pg_at = time.perf_counter()
-                log_agents = {ent for _, _, kind, ent in batch.changes if kind == "a"}
-                log_users = {ent for _, _, kind, ent in batch.changes if kind == "u"}
-                agents: dict[int, AgentRow | None] = {
-                    a: row for a, (row, _) in batch.agents.items()
-                }
-                agents.update(fetch_agents(conn, log_agents - agents.keys()))
-                believed = self._agent_owners(head.gen, agents)
-                owners = {a.owner_id for a in agents.values() if a is not None}
-                # A live batch is ranked without floors: no hint to look up (or check).
-                hints = self._floor_hints(head.gen, owners) if ranks_with_floors(batch) else {}
-                raw = conn.connection.driver_connection
-                assert raw is not None
-                # Postgres ranks the slice while this thread loads state from Redis: the two
-                # waits overlap, and the connection is left to the ranking until it is done.
-                with ThreadPoolExecutor(max_workers=1) as pool:
-                    ranking = pool.submit(candidates, raw, batch, hints)
-                    try:
-                        views = self._views(head.gen, owners | set(believed.values()) | log_users)
-                    finally:
-                        events = ranking.result()
-                state_at = time.perf_counter()
-                wrong = _wrong_hints(hints, views)
-                if wrong:
-                    # The hint may only ever cost speed: rank again by the documents' own floors.
-                    log.warning("floors hint above the stored tops of %d owners", len(wrong))
-                    events = candidates(raw, batch, _floors(views))
-                # User rows change only through the log; other owners need theirs only when
-                # the read model has never seen them.
-                users = fetch_users(conn, log_users | (owners - views.keys()))
+        with self.db.transaction(repeatable_read=True) as conn:
+            batch = read_batch(
+                conn, head.cursor.events, head.cursor.changes, self.batch_limit.value
+            )
+            if not batch.size:
+                return StepResult(0, batch.horizon)
+            pg_at = time.perf_counter()
+            log_agents = {ent for _, _, kind, ent in batch.changes if kind == "a"}
+            log_users = {ent for _, _, kind, ent in batch.changes if kind == "u"}
+            agents: dict[int, AgentRow | None] = {a: row for a, (row, _) in batch.agents.items()}
+            agents.update(fetch_agents(conn, log_agents - agents.keys()))
+            believed = self._agent_owners(head.gen, agents)
+            owners = {a.owner_id for a in agents.values() if a is not None}
+            # A live batch is ranked without floors: no hint to look up (or check).
+            hints = self._floor_hints(head.gen, owners) if ranks_with_floors(batch) else {}
+            # Postgres ranks the slice while this thread loads state from Redis: the two
+            # waits overlap, and the connection is left to the ranking until it is done.
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                ranking = pool.submit(candidates, conn, batch, hints)
+                try:
+                    views = self._views(head.gen, owners | set(believed.values()) | log_users)
+                finally:
+                    events = ranking.result()
+            state_at = time.perf_counter()
+            wrong = _wrong_hints(hints, views)
+            if wrong:
+                # The hint may only ever cost speed: rank again by the documents' own floors.
+                log.warning("floors hint above the stored tops of %d owners", len(wrong))
+                events = candidates(conn, batch, _floors(views))
+            # User rows change only through the log; other owners need theirs only when
+            # the read model has never seen them.
+            users = fetch_users(conn, log_users | (owners - views.keys()))
         read_at = time.perf_counter()
         heights = {agent_id: height for agent_id, (_, height) in batch.agents.items()}
         result = fold(Loaded(views, believed, agents, users, head.height), events, heights)
@@ -223,7 +218,7 @@ class Projector:
         if not result.recompute:
             return
         wanted = {uid: list(result.views[uid].agents) for uid in result.recompute}
-        with self.engine.connect() as conn:
+        with self.db.transaction() as conn:
             windows = owner_windows(conn, wanted, cursor.events)
         for uid, (top, height) in windows.items():
             result.views[uid].top = top
@@ -245,8 +240,8 @@ class Projector:
         """Build a new generation, catch it up, swap it in; this projector then follows it."""
         gen = new_generation(self.client)
         self.metrics.rebuild_progress(0, 0)  # a new rebuild: the last one's figures are done
-        snapshot_into(self.engine, self.client, gen, progress=self.metrics.rebuild_progress)
-        builder = Projector(self.engine, self.client, self.settings, gen=gen, mode=Mode.BUILDING)
+        snapshot_into(self.db, self.client, gen, progress=self.metrics.rebuild_progress)
+        builder = Projector(self.db, self.client, self.settings, gen=gen, mode=Mode.BUILDING)
         builder.run(self._stop, until_caught_up=True)
         old = swap_in(self.client, gen)
         log.info("generation %d is live (replaced %s)", gen, old)
@@ -409,7 +404,7 @@ class Projector:
     def _start_target(self) -> int:
         # Everything committed before now has an xid below the snapshot's xmax; once the
         # horizon has passed that, all of it has been read.
-        with self.engine.connect() as conn:
+        with self.db.transaction() as conn:
             return horizon_and_xmax(conn)[1]
 
 

@@ -29,21 +29,20 @@ from rich.progress import (
 )
 from rich.table import Table
 from rich.text import Text
-from sqlalchemy import Engine, text
 
 from models import keys
 from models.handles import is_valid_handle
 from models.keys import TOP_N
 from models.settings import get_projector_settings
 from projector import logs, readmodel
-from projector.db import make_engine
+from projector.db import Database
 from projector.rebuild import collect_garbage, new_generation, snapshot_into, swap_in
 from projector.records import Position
 from projector.sink import Mode, connect
 from projector.source import horizon
 from projector.worker import Projector
 
-_XID = "cast(cast(:x as text) as xid8)"
+_XID = "%(x)s::text::xid8"
 
 
 class RateColumn(ProgressColumn):
@@ -71,19 +70,18 @@ class Plan:
         return self.users + self.owners_with_agents + self.indexed_handles + 1 + routing + floors
 
 
-def plan(engine: Engine) -> Plan:
+def plan(db: Database) -> Plan:
     """What a rebuild started now would read, from one snapshot, as the rebuild reads it."""
-    with engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn:
-        with conn.begin():
-            h = horizon(conn)
-            handles = conn.execute(text("select handle from users")).scalars().all()
-            agents, owners = conn.execute(
-                text("select count(*), count(distinct owner_id) from agents")
-            ).one()
-            events = conn.execute(
-                text(f"select count(*) from audit_events where tx_id < {_XID}"), {"x": h}
-            ).scalar_one()
+    with db.transaction(repeatable_read=True) as conn:
+        h = horizon(conn)
+        handles = [handle for (handle,) in conn.execute("select handle from users")]
+        counted = conn.execute("select count(*), count(distinct owner_id) from agents")
+        agents, owners = counted.fetchone() or (0, 0)
+        found = conn.execute(
+            f"select count(*) from audit_events where tx_id < {_XID}", {"x": h}
+        ).fetchone()
     indexed = sum(1 for handle in handles if is_valid_handle(handle))
+    events = found[0] if found else 0
     return Plan(h, len(handles), int(owners), indexed, int(agents), int(events))
 
 
@@ -91,9 +89,9 @@ def generation_keys(client: redis.Redis, gen: int) -> int:
     return sum(1 for _ in client.scan_iter(match=keys.gen_pattern(gen), count=1000))
 
 
-def dry_run(engine: Engine, client: redis.Redis, out: Console) -> None:
+def dry_run(db: Database, client: redis.Redis, out: Console) -> None:
     head = readmodel.head(client)
-    what = plan(engine)
+    what = plan(db)
     table = Table(title="rebuild --dry-run: nothing written", title_justify="left", box=box.SIMPLE)
     table.show_header = False
     table.add_column("", style="bold")
@@ -113,17 +111,16 @@ def dry_run(engine: Engine, client: redis.Redis, out: Console) -> None:
     out.print(table)
 
 
-def _events_covered(engine: Engine, pos: Position) -> int:
-    with engine.connect() as conn:
-        return int(
-            conn.execute(
-                text(f"select count(*) from audit_events where (tx_id, seq) <= ({_XID}, :n)"),
-                {"x": pos.xid, "n": pos.n},
-            ).scalar_one()
-        )
+def _events_covered(db: Database, pos: Position) -> int:
+    with db.transaction() as conn:
+        found = conn.execute(
+            f"select count(*) from audit_events where (tx_id, seq) <= ({_XID}, %(n)s)",
+            {"x": pos.xid, "n": pos.n},
+        ).fetchone()
+    return int(found[0]) if found else 0
 
 
-def rebuild(engine: Engine, client: redis.Redis, out: Console) -> None:
+def rebuild(db: Database, client: redis.Redis, out: Console) -> None:
     settings = get_projector_settings()
     started = time.monotonic()
     gen = new_generation(client)
@@ -145,9 +142,9 @@ def rebuild(engine: Engine, client: redis.Redis, out: Console) -> None:
         def owners_written(done: int, total: int) -> None:
             progress.update(task, description="owners", completed=done, total=total)
 
-        snapshot_into(engine, client, gen, progress=owners_written)
+        snapshot_into(db, client, gen, progress=owners_written)
         catch_up = progress.add_task("catching up", total=None)
-        Projector(engine, client, settings, gen=gen, mode=Mode.BUILDING).run(
+        Projector(db, client, settings, gen=gen, mode=Mode.BUILDING).run(
             threading.Event(), until_caught_up=True
         )
         progress.update(catch_up, total=1, completed=1)
@@ -156,7 +153,7 @@ def rebuild(engine: Engine, client: redis.Redis, out: Console) -> None:
     freed = collect_garbage(client)
     head = readmodel.head(client)
     agents = int(client.hlen(keys.agent_owner(gen)))
-    events = 0 if head is None else _events_covered(engine, head.cursor.events)
+    events = 0 if head is None else _events_covered(db, head.cursor.events)
     position = "?" if head is None else readmodel.position_text(head.cursor)
     # One plain line that ends in the seconds: scripts/benchkit reads the time from there.
     print(
@@ -175,16 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logs.setup(default_level="WARNING")  # the script's own output is the report
     settings = get_projector_settings()
-    engine = make_engine(settings.database_url)
+    db = Database(settings.database_url)
     client = connect(settings.redis_url)
     out = Console()
     try:
         if args.dry_run:
-            dry_run(engine, client, out)
+            dry_run(db, client, out)
         else:
-            rebuild(engine, client, out)
+            rebuild(db, client, out)
     finally:
-        engine.dispose()
+        db.close()
         client.close()
     return 0
 

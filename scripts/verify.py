@@ -30,14 +30,13 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.exc import NoResultFound
 
 from models import keys
 from models.handles import is_valid_handle
 from models.settings import get_projector_settings
 from projector import logs, readmodel
-from projector.db import make_engine
 from projector.oracle import expected, normalise
 from projector.records import Cursor, Position
 from projector.sink import connect
@@ -274,7 +273,7 @@ def report(console: Console, drifts: list[Drift]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = get_projector_settings()
-    engine = make_engine(settings.database_url, pool_size=2)
+    engine = create_engine(settings.database_url, pool_size=2, pool_pre_ping=True)
     client = connect(settings.redis_url)
     out = Console(width=120)
     bar = Console(stderr=True)

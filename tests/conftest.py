@@ -16,7 +16,7 @@ from sqlalchemy.pool import NullPool
 
 from api.main import create_app
 from models.settings import ProjectorSettings, RedisSettings
-from projector.db import make_engine
+from projector.db import Database
 from projector.schema import init_schema
 from projector.worker import Projector
 from scripts.throwaway import PostgresServer, RedisServer, start_postgres, start_redis
@@ -71,9 +71,17 @@ def settings(db_url: str, redis_server: RedisServer) -> ProjectorSettings:
 
 @pytest.fixture
 def engine(settings: ProjectorSettings) -> Iterator[Engine]:
-    eng = make_engine(settings.database_url, pool_size=10)
+    eng = create_engine(settings.database_url, pool_size=10, pool_pre_ping=True)
     yield eng
     eng.dispose()
+
+
+@pytest.fixture
+def db(settings: ProjectorSettings) -> Iterator[Database]:
+    """The projector's own way into Postgres (psycopg connections with its session settings)."""
+    database = Database(settings.database_url)
+    yield database
+    database.close()
 
 
 @pytest.fixture
@@ -87,13 +95,11 @@ def rclient(redis_server: RedisServer) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def catch_up(
-    engine: Engine, rclient: redis.Redis, settings: ProjectorSettings
-) -> Callable[[], None]:
+def catch_up(db: Database, rclient: redis.Redis, settings: ProjectorSettings) -> Callable[[], None]:
     """Run the projector in-process until it has applied everything committed so far."""
 
     def run() -> None:
-        Projector(engine, rclient, settings).run(threading.Event(), until_caught_up=True)
+        Projector(db, rclient, settings).run(threading.Event(), until_caught_up=True)
 
     return run
 

@@ -21,6 +21,7 @@ from sqlalchemy import Connection, Engine, text
 
 from models import keys
 from models.settings import ProjectorSettings
+from projector.db import Database
 from projector.worker import Projector
 from tests.oracle import expected, normalise
 
@@ -51,10 +52,11 @@ class Worker(threading.Thread):
 class LiveProjector:
     """``Projector(...).run(stop)`` in a thread with its own Redis client, for a ``with`` block."""
 
-    def __init__(self, engine: Engine, settings: ProjectorSettings) -> None:
+    def __init__(self, settings: ProjectorSettings) -> None:
         self.stop = threading.Event()
         self.client = redis.Redis.from_url(settings.redis_url)
-        self.projector = Projector(engine, self.client, settings)
+        self.db = Database(settings.database_url)
+        self.projector = Projector(self.db, self.client, settings)
         self.thread = Worker(lambda: self.projector.run(self.stop), "live-projector")
 
     def __enter__(self) -> LiveProjector:
@@ -67,6 +69,7 @@ class LiveProjector:
             self.thread.finish(60.0)
         finally:
             self.client.close()
+            self.db.close()
 
     def assert_alive(self) -> None:
         if not self.thread.is_alive():

@@ -278,7 +278,7 @@ def test_random_workload_matches_the_seed_sql(engine, settings, api, check_all) 
     writers = [Workload(engine, SEED + k, f"w{k}", hold=0.06, rollback=0.12) for k in range(4)]
     watch = Watch(engine, api)
     started = time.monotonic()
-    with LiveProjector(engine, settings) as live:
+    with LiveProjector(settings) as live:
         with writers_running([partial(w.run, 180, 0.05) for w in writers]) as threads:
             while any(t.is_alive() for t in threads):
                 live.assert_alive()
@@ -314,7 +314,7 @@ def _rebuild_with_scripts_main(settings, monkeypatch) -> None:
 
 
 def test_rebuild_equals_incremental_projection(
-    engine, rclient, settings, catch_up, api, check_all, monkeypatch
+    engine, db, rclient, settings, catch_up, api, check_all, monkeypatch
 ) -> None:
     catch_up()  # the read model starts empty; all that follows is incremental
     rng = random.Random(SEED + 100)
@@ -326,7 +326,7 @@ def test_rebuild_equals_incremental_projection(
     first_gen = int(rclient.get("rm:current") or 0)
     incremental, incremental_api = dump_live_generation(rclient), api_documents(engine, api)
 
-    Projector(engine, rclient, settings).rebuild()
+    Projector(db, rclient, settings).rebuild()
     assert int(rclient.get("rm:current") or 0) != first_gen, "no new generation was swapped in"
     assert dump_live_generation(rclient) == incremental
     assert api_documents(engine, api) == incremental_api

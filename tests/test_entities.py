@@ -234,7 +234,7 @@ def test_new_users_and_agents_mid_stream(engine, settings, api, check_all) -> No
     with engine.begin() as conn:
         first = p.create_user(conn, "first")
         _events(conn, p.create_agent(conn, first, "f"), T0, 3)
-    with LiveProjector(engine, settings):
+    with LiveProjector(settings):
         wait_until(lambda: mismatches(engine, api), "first build")
         with engine.begin() as conn:
             late = p.create_user(conn, "latecomer", "Late")

@@ -22,6 +22,7 @@ from sqlalchemy import Engine
 from models import keys
 from models.settings import ProjectorSettings
 from projector import source
+from projector.db import Database
 from projector.render import decode_floor
 from projector.worker import Projector
 from scripts import platform_sim as p
@@ -91,8 +92,12 @@ def _handles(client: redis.Redis, gen: int) -> dict[int, str]:
     }
 
 
-def _run(engine: Engine, client: redis.Redis, settings: ProjectorSettings) -> None:
-    Projector(engine, client, settings).run(threading.Event(), until_caught_up=True)
+def _run(settings: ProjectorSettings, client: redis.Redis) -> None:
+    db = Database(settings.database_url)
+    try:
+        Projector(db, client, settings).run(threading.Event(), until_caught_up=True)
+    finally:
+        db.close()
 
 
 def test_the_hint_is_each_full_tops_12th_event(
@@ -104,7 +109,7 @@ def test_the_hint_is_each_full_tops_12th_event(
 ) -> None:
     rng = random.Random(3)
     agents = _world(engine, rng)
-    _run(engine, rclient, settings)  # no read model yet: a rebuild writes the hint
+    _run(settings, rclient)  # no read model yet: a rebuild writes the hint
     assert _hints(rclient) == _doc_floors(rclient)
     assert set(_hints(rclient)) == {"deep", "just"}
 
@@ -120,7 +125,7 @@ def test_the_hint_is_each_full_tops_12th_event(
         just = conn.exec_driver_sql("select id from users where handle = 'just'").scalar_one()
         p.transfer_agent(conn, agents["deep"][0], short)
         p.rename_user(conn, just, "justin")
-    _run(engine, rclient, settings)
+    _run(settings, rclient)
     assert _hints(rclient) == _doc_floors(rclient)
     assert set(_hints(rclient)) == {"deep", "justin", "short"}
     assert check_all() == 3
@@ -135,13 +140,13 @@ def test_events_older_than_every_floor_reach_no_ranking(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     agents = _world(engine, random.Random(5))
-    _run(engine, rclient, settings)
+    _run(settings, rclient)
     with engine.begin() as conn:
         for i in range(25):
             handle = ("deep", "just")[i % 2]
             p.add_event(conn, agents[handle][i % 2], created_at=T0 - timedelta(days=1 + i))
     caplog.set_level(logging.INFO, logger="projector")
-    _run(engine, rclient, settings)
+    _run(settings, rclient)
     batches = [r.fields for r in caplog.records if hasattr(r, "fields")]
     assert [(b["events"], b["candidates"]) for b in batches] == [(25, 0)]
     assert check_all() == 3  # the heights moved; the tops did not
@@ -156,7 +161,7 @@ def test_a_hint_above_the_top_costs_speed_not_correctness(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     agents = _world(engine, random.Random(9))
-    _run(engine, rclient, settings)
+    _run(settings, rclient)
     gen = int(rclient.get(keys.CURRENT) or 0)
     uids = {handle: uid for uid, handle in _handles(rclient, gen).items()}
     # A hint in the future would drop every new event of deep's before the sort.
@@ -165,7 +170,7 @@ def test_a_hint_above_the_top_costs_speed_not_correctness(
         for i in range(4):
             p.add_event(conn, agents["deep"][i % 2], created_at=T0 + timedelta(days=60, hours=i))
     caplog.set_level(logging.INFO, logger="projector")
-    _run(engine, rclient, settings)
+    _run(settings, rclient)
     assert any("floors hint above" in r.getMessage() for r in caplog.records)
     assert check_all() == 3
     assert _hints(rclient) == _doc_floors(rclient)  # and the write put the hint right

@@ -20,6 +20,7 @@ from sqlalchemy import Engine, text
 
 from models import keys
 from models.settings import ProjectorSettings
+from projector.db import Database
 from projector.leader import LEASE_APPLICATION_NAME, Leadership
 from projector.sink import Deposed
 from projector.worker import Projector
@@ -146,6 +147,7 @@ def test_a_leader_that_loses_its_database_session_stands_down(
 
 def test_a_deposed_leaders_write_is_refused_even_at_the_same_position(
     engine: Engine,
+    db: Database,
     rclient: redis.Redis,
     settings: ProjectorSettings,
 ) -> None:
@@ -157,7 +159,7 @@ def test_a_deposed_leaders_write_is_refused_even_at_the_same_position(
     try:
         assert old.try_acquire()
         assert not new.try_acquire(), "two leaders at once"
-        projector = Projector(engine, rclient, settings, leadership=old)
+        projector = Projector(db, rclient, settings, leadership=old)
         projector.run(threading.Event(), until_caught_up=True)
         (session,) = lease_sessions(engine)
         with engine.connect() as conn:  # what the server does to a session idle for a lease
@@ -177,6 +179,7 @@ def test_a_deposed_leaders_write_is_refused_even_at_the_same_position(
 
 def test_a_leader_whose_token_redis_forgot_takes_a_new_one_and_carries_on(
     engine: Engine,
+    db: Database,
     rclient: redis.Redis,
     settings: ProjectorSettings,
     api: TestClient,
@@ -186,7 +189,7 @@ def test_a_leader_whose_token_redis_forgot_takes_a_new_one_and_carries_on(
     lead = Leadership(settings.database_url, rclient, lease_seconds=30)
     try:
         assert lead.try_acquire()
-        projector = Projector(engine, rclient, settings, leadership=lead)
+        projector = Projector(db, rclient, settings, leadership=lead)
         projector.run(threading.Event(), until_caught_up=True)
         rclient.delete(keys.LEADER_TOKEN)  # as after a restart that kept the read model
         bulk_events(engine, 30)

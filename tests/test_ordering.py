@@ -82,7 +82,7 @@ def test_low_seq_held_open_while_higher_seqs_commit_live_projector(
     engine, settings, api, check_all
 ) -> None:
     pair = _pair(engine)
-    with LiveProjector(engine, settings) as live, ExitStack() as stack:
+    with LiveProjector(settings) as live, ExitStack() as stack:
         wait_until(lambda: mismatches(engine, api), "first build")
         early = _open(stack, engine, 3)
         for conn in early:
@@ -115,13 +115,13 @@ def test_low_seq_held_open_while_higher_seqs_commit_live_projector(
 
 
 def test_low_seq_held_open_stepwise_projector(
-    engine, rclient, settings, catch_up, api, check_all
+    engine, db, rclient, settings, catch_up, api, check_all
 ) -> None:
     pair = _pair(engine)
     with engine.begin() as conn:
         before = p.add_event(conn, pair.slow_agent, "before")[1]
     catch_up()
-    projector = Projector(engine, rclient, settings)
+    projector = Projector(db, rclient, settings)
     with ExitStack() as stack:
         early = _open(stack, engine, 2)
         for conn in early:
@@ -162,7 +162,7 @@ def test_rolled_back_transactions_leave_permanent_gaps(engine, settings, api, ch
         other = p.create_user(conn, "other")
     committed: list[int] = []
     rolled: list[int] = []
-    with LiveProjector(engine, settings) as live:
+    with LiveProjector(settings) as live:
         for i in range(6):
             with engine.connect() as conn:
                 tx = conn.begin()
@@ -244,7 +244,7 @@ def test_concurrent_writers_commit_out_of_seq_order(engine, settings, api, check
                     tx.commit()
                     commits.append((min(seqs), max(seqs)))
 
-    with LiveProjector(engine, settings) as live:
+    with LiveProjector(settings) as live:
         with writers_running([partial(writer, i) for i in range(4)]) as threads:
             while any(t.is_alive() for t in threads):
                 live.assert_alive()
@@ -319,7 +319,7 @@ def test_backdated_events_never_displace_newer_ones(engine, catch_up, api, check
 
 
 def test_equal_created_at_ordered_by_seq_desc(
-    engine, rclient, settings, catch_up, api, check_all
+    engine, db, rclient, settings, catch_up, api, check_all
 ) -> None:
     with engine.begin() as conn:
         tied = p.create_user(conn, "tied")
@@ -348,7 +348,7 @@ def test_equal_created_at_ordered_by_seq_desc(
     assert check_all() == 2
 
     # A tie whose lower seq commits last, applied batch by batch.
-    projector = Projector(engine, rclient, settings)
+    projector = Projector(db, rclient, settings)
     later = T0 + 2 * MICRO
     with ExitStack() as stack:
         early = _open(stack, engine, 1)[0]

@@ -22,6 +22,7 @@ from sqlalchemy import Engine, text
 
 from models import keys
 from models.settings import ProjectorSettings
+from projector.db import Database
 from projector.leader import LEASE_APPLICATION_NAME, Leadership
 from projector.metrics import PrometheusMetrics, lag_seconds, store_error_kind
 from projector.policy import Backoff
@@ -261,14 +262,14 @@ def test_redis_out_of_memory_is_counted_apart(
 
 
 def test_a_deposed_write_counts_as_a_fencing_refusal_and_stands_by(
-    engine: Engine, rclient: redis.Redis, settings: ProjectorSettings
+    engine: Engine, db: Database, rclient: redis.Redis, settings: ProjectorSettings
 ) -> None:
     seed(engine, users=3, agents_per_user=1, events=20)
     metrics = PrometheusMetrics()  # no Postgres sampler: only what the worker reports
     old = Leadership(settings.database_url, rclient, lease_seconds=30)
     new = Leadership(settings.database_url, rclient, lease_seconds=30)
     try:
-        projector = Projector(engine, rclient, settings, leadership=old, metrics=metrics)
+        projector = Projector(db, rclient, settings, leadership=old, metrics=metrics)
         projector.run(threading.Event(), until_caught_up=True)
         assert metrics.registry.get_sample_value("projector_leader") == 1
         (session,) = lease_sessions(engine)

@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from projector.db import Database
 from projector.schema import PLATFORM_DDL, init_schema
 from projector.worker import Projector
 from scripts import platform_sim as p
@@ -72,7 +73,11 @@ def test_upgrade_of_a_live_platform_schema_projects_existing_rows(
         init_schema(eng)  # adds tx_id to rows that exist, triggers, indexes
         init_schema(eng)
         conf = settings.model_copy(update={"database_url": bare_db})
-        Projector(eng, rclient, conf).run(threading.Event(), until_caught_up=True)
+        database = Database(bare_db)
+        try:
+            Projector(database, rclient, conf).run(threading.Event(), until_caught_up=True)
+        finally:
+            database.close()
         body = api.get("/v1/users/legacy/dashboard").json()
         assert [e["agent_name"] for e in body["recent_events"]] == ["old-agent"] * 3
         assert body["chain_meta"]["owner_chain_height"] == 3
