@@ -79,7 +79,7 @@ def render_tail(
     )
 
 
-def parse_doc(user_id: int, doc: bytes, agents: dict[int, str]) -> OwnerView:
+def parse_doc(user_id: int, doc: bytes | str, agents: dict[int, str]) -> OwnerView:
     body = orjson.loads(doc)
     # tuple.__new__ skips the named tuple's Python-level __new__: 60k events in a cold backlog.
     top = [_tuple_new(Event, _event_fields(e)) for e in body["recent_events"]]
