@@ -108,7 +108,6 @@ class Projector:
             log_users = {ent for _, _, kind, ent in batch.changes if kind == "u"}
             agents: dict[int, AgentRow | None] = {a: row for a, (row, _) in batch.agents.items()}
             agents.update(fetch_agents(conn, log_agents - agents.keys()))
-            believed = self._agent_owners(head.gen, agents)
             owners = {a.owner_id for a in agents.values() if a is not None}
             # A live batch is ranked without floors: no hint to look up (or check).
             hints = self._floor_hints(head.gen, owners) if ranks_with_floors(batch) else {}
@@ -117,6 +116,9 @@ class Projector:
             with ThreadPoolExecutor(max_workers=1) as pool:
                 ranking = pool.submit(candidates, conn, batch, hints)
                 try:
+                    # Who owned each agent before this batch: the state load needs it, the
+                    # ranking does not, so it is looked up while Postgres ranks.
+                    believed = self._agent_owners(head.gen, agents)
                     views = self._views(head.gen, owners | set(believed.values()) | log_users)
                 finally:
                     events = ranking.result()
