@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     leadership = Leadership(settings.database_url, client, settings.leader_lease_seconds)
     projector = Projector(db, client, settings, leadership=leadership, metrics=metrics)
     log.info("projector starting%s", " (until caught up)" if args.until_caught_up else "")
-    # What start-up made (modules, classes: ~80k objects of SQLAlchemy, pydantic, redis-py)
+    # What start-up made (modules, classes: tens of thousands of objects of pydantic, redis-py)
     # lives as long as the process; frozen, the collector stops walking it on every full
     # collection, and at exit (0.12 s of a cold 500k backlog). A batch makes its objects in
     # bursts (a backlog batch ~200k: parsed documents, events, rendered ones) that reference

@@ -27,6 +27,7 @@ import psycopg
 import redis
 
 from models import keys
+from projector.db import libpq_url
 
 log = logging.getLogger("projector.leader")
 
@@ -37,7 +38,7 @@ LEASE_APPLICATION_NAME = "projector-lease"
 
 class Leadership:
     def __init__(self, database_url: str, client: redis.Redis, lease_seconds: float) -> None:
-        self._dsn = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+        self._dsn = libpq_url(database_url)
         self._client = client
         self._lease = lease_seconds
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None

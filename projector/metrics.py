@@ -30,6 +30,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from projector.db import libpq_url
 from projector.policy import is_statement_timeout
 from projector.sink import Head
 
@@ -259,7 +260,7 @@ class PostgresSampler(Collector):
     """Lag and the oldest running transaction, read at scrape time, at most once a second."""
 
     def __init__(self, database_url: str, owner: PrometheusMetrics) -> None:
-        self._dsn = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+        self._dsn = libpq_url(database_url)
         self._owner = owner
         self._lock = threading.Lock()
         self._conn: psycopg.Connection[Any] | None = None

@@ -7,12 +7,14 @@ import time
 
 import psycopg
 
+from projector.db import libpq_url
+
 log = logging.getLogger("projector.wakeup")
 
 
 class Wakeup:
-    def __init__(self, sqlalchemy_url: str) -> None:
-        self._dsn = sqlalchemy_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    def __init__(self, database_url: str) -> None:
+        self._dsn = libpq_url(database_url)
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
 
     def _connect(self) -> psycopg.Connection[tuple[object, ...]]:

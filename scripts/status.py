@@ -22,6 +22,7 @@ from rich.table import Table
 from models import keys
 from models.settings import get_projector_settings
 from projector import logs, readmodel
+from projector.db import libpq_url
 from projector.metrics import POSTGRES_SAMPLE, lag_seconds
 from projector.sink import connect
 
@@ -39,7 +40,7 @@ def _users_in(client: redis.Redis, gen: int) -> int:
 
 def _postgres(database_url: str) -> tuple[tuple[int, datetime] | None, float | None]:
     """(newest commit, oldest transaction's age); (None, None) when Postgres cannot say."""
-    dsn = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    dsn = libpq_url(database_url)
     try:
         with psycopg.connect(dsn, connect_timeout=5, application_name="projector-status") as conn:
             row = conn.execute(POSTGRES_SAMPLE).fetchone()

@@ -130,6 +130,14 @@ def test_the_hint_is_each_full_tops_12th_event(
     assert set(_hints(rclient)) == {"deep", "justin", "short"}
     assert check_all() == 3
 
+    # A top that empties: deep hands its last agent to short, and its hint goes with it.
+    with engine.begin() as conn:
+        p.transfer_agent(conn, agents["deep"][1], short)
+    _run(settings, rclient)
+    assert _hints(rclient) == _doc_floors(rclient)
+    assert set(_hints(rclient)) == {"justin", "short"}
+    assert check_all() == 3
+
 
 def test_events_older_than_every_floor_reach_no_ranking(
     big_slice: str,
