@@ -10,9 +10,10 @@ projector reloads its position instead of writing stale state over newer state.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
+from functools import partial
 from typing import Any
 
 import redis
@@ -103,14 +104,30 @@ return out
 """
 
 
-class RespPacker:
-    """RESP framing that copies each byte once, in pieces the heap can reuse.
+class Later:
+    """A command argument made only when the packer reaches it.
 
-    A backlog batch is one script call of ~35k arguments and ~25 MB of prepared documents.
-    hiredis's packer copies large values several times (10x slower on 20 MB); redis-py's own
-    re-formats its growing buffer with ``%`` for every argument under 6 KB, which a document is
-    (0.19 s of a 500k backlog's batch). One 25 MB join is a fresh mapping, page-faulted in at
-    every batch (0.09 s); chunks of 64 KB come from, and go back to, the heap (0.02 s).
+    A backlog batch's one write carries 5,000 documents (23 MB). Rendered up front, all of them
+    and their packed copy (another 23 MB) were fresh memory, which this machine's kernel zeroes
+    and maps page by page: most of the command's 0.4-0.5 s of kernel time went to such memory.
+    Rendered as the packer reaches them, each piece is sent and freed before the next is made,
+    and its memory serves the next.
+    """
+
+    __slots__ = ("make",)
+
+    def __init__(self, make: Callable[[], bytes]) -> None:
+        self.make = make
+
+
+class RespPacker:
+    """RESP framing that copies each byte once, in pieces sent as they are made.
+
+    redis-py sends what ``pack`` yields piece by piece, so a large command (a backlog batch is
+    one script call of ~20k arguments and ~23 MB of documents) is never whole in memory: pieces
+    of 64 KB come from, and go back to, the heap. hiredis's packer copies large values several
+    times (10x slower on 20 MB); redis-py's own re-formats its growing buffer with ``%`` for
+    every argument under 6 KB, which a document is (0.19 s of a 500k backlog's batch).
     """
 
     CHUNK = 64 * 1024
@@ -118,27 +135,27 @@ class RespPacker:
     def __init__(self, encode: Callable[[Any], bytes | memoryview]) -> None:
         self.encode = encode
 
-    def pack(self, *args: Any) -> list[bytes | memoryview]:
+    def pack(self, *args: Any) -> Iterator[bytes | memoryview]:
         # As redis-py does: a command name with a space ("CONFIG GET") is several arguments.
         if isinstance(args[0], str):
             args = (*args[0].encode().split(), *args[1:])
         elif b" " in args[0]:
             args = (*args[0].split(), *args[1:])
-        out: list[bytes | memoryview] = []
         parts: list[bytes | memoryview] = [b"*%d\r\n" % len(args)]
         size = 0
-        for arg in map(self.encode, args):
+        for value in args:
+            arg = value.make() if type(value) is Later else self.encode(value)
             if len(arg) > self.CHUNK:  # sent as it is, not copied
-                out += (b"".join((*parts, b"$%d\r\n" % len(arg))), arg)
+                yield b"".join((*parts, b"$%d\r\n" % len(arg)))
+                yield arg
                 parts, size = [b"\r\n"], 0
                 continue
             parts += (b"$%d\r\n" % len(arg), arg, b"\r\n")
             size += len(arg)
             if size > self.CHUNK:
-                out.append(b"".join(parts))
+                yield b"".join(parts)
                 parts, size = [], 0
-        out.append(b"".join(parts))
-        return out
+        yield b"".join(parts)
 
 
 def connect(url: str) -> redis.Redis:
@@ -157,6 +174,9 @@ class Sink:
         self.r = client
         self._apply = client.register_script(_APPLY)
         self._load_agents = client.register_script(_LOAD_AGENTS)
+        # Only this module's packer makes Later arguments; another client gets them made here.
+        packer = client.connection_pool.connection_kwargs.get("command_packer")
+        self._packs_later = isinstance(packer, RespPacker)
 
     def current_generation(self) -> int | None:
         raw = self.r.get(keys.CURRENT)
@@ -209,7 +229,7 @@ class Sink:
         token: int | None = None,
     ) -> None:
         """Write one batch; ``token``, when given, must be the latest leader's fencing token."""
-        args: list[str | bytes | int] = [
+        args: list[str | bytes | int | Later] = [
             gen,
             mode.value,
             expected.encode(),
@@ -219,9 +239,11 @@ class Sink:
             "" if token is None else token,
             *batch_ops(gen, result),
         ]
+        if not self._packs_later:
+            args = [arg.make() if type(arg) is Later else arg for arg in args]
         outcome = self._apply(
             keys=[keys.CURRENT, keys.global_hash(gen), keys.building(gen), keys.LEADER_TOKEN],
-            args=args,
+            args=args,  # type: ignore[arg-type]  # Later: this client's packer makes them
         )
         if outcome == b"leader":
             raise Deposed("a newer leader holds the fencing token")
@@ -229,12 +251,12 @@ class Sink:
             raise Fenced(outcome.decode())
 
 
-def batch_ops(gen: int, result: FoldResult) -> list[str | bytes | int]:
+def batch_ops(gen: int, result: FoldResult) -> list[str | bytes | int | Later]:
     return [*_user_ops(gen, result), *_agent_ops(gen, result)]
 
 
-def _user_ops(gen: int, result: FoldResult) -> list[str | bytes | int]:
-    ops: list[str | bytes | int] = []
+def _user_ops(gen: int, result: FoldResult) -> list[str | bytes | int | Later]:
+    ops: list[str | bytes | int | Later] = []
     for uid in result.deleted_users:
         ops += ["D", keys.user_doc(gen, uid), "D", keys.user_agents(gen, uid)]
         ops += ["R", keys.floors(gen), str(uid)]
@@ -250,7 +272,8 @@ def _user_ops(gen: int, result: FoldResult) -> list[str | bytes | int]:
         # arguments, key names built in Redis: a backlog batch writes 5,000 of these, and each
         # argument costs packing in Python and a Lua string in Redis.
         floor = floor_of(view.top)
-        ops += ("U", uid, render_doc(view), "" if floor is None else encode_floor(floor))
+        doc = Later(partial(render_doc, view))
+        ops += ("U", uid, doc, "" if floor is None else encode_floor(floor))
     return ops
 
 
