@@ -21,7 +21,7 @@ from sqlalchemy import Engine
 
 from models import keys
 from models.settings import ProjectorSettings
-from projector import source
+from projector import sink, source
 from projector.db import Database
 from projector.render import decode_floor
 from projector.worker import Projector
@@ -182,3 +182,22 @@ def test_a_hint_above_the_top_costs_speed_not_correctness(
     assert any("floors hint above" in r.getMessage() for r in caplog.records)
     assert check_all() == 3
     assert _hints(rclient) == _doc_floors(rclient)  # and the write put the hint right
+
+
+def test_owners_load_in_chunks_each_with_its_own_agents(
+    engine: Engine,
+    rclient: redis.Redis,
+    settings: ProjectorSettings,
+    check_all: Callable[[], int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Three owners, two to a chunk: the second chunk must pair its documents with its own
+    # owners' agents (names are re-rendered from them).
+    monkeypatch.setattr(sink, "_LOAD_CHUNK", 2)
+    agents = _world(engine, random.Random(11))
+    _run(settings, rclient)
+    with engine.begin() as conn:
+        for handle in ("deep", "just", "short"):
+            p.add_event(conn, agents[handle][1], created_at=T0 + timedelta(days=90))
+    _run(settings, rclient)  # a fresh projector: every owner is loaded from Redis
+    assert check_all() == 3
