@@ -33,6 +33,13 @@ CONNECT_TIMEOUT_SECONDS = 5
 Conn = psycopg.Connection[tuple[Any, ...]]
 
 
+def one_row(conn: Conn, query: str, params: dict[str, Any] | None = None) -> tuple[Any, ...]:
+    """The row of a query that always returns one (an aggregate, a function call)."""
+    row = conn.execute(query, params).fetchone()
+    assert row is not None, query
+    return row
+
+
 def libpq_url(url: str) -> str:
     """A DATABASE_URL as libpq takes it (settings normalise it to SQLAlchemy's dialect form)."""
     return url.replace("postgresql+psycopg://", "postgresql://", 1)
@@ -70,11 +77,9 @@ class Database:
             conn.isolation_level = IsolationLevel.REPEATABLE_READ if repeatable_read else None
             with conn.transaction():
                 yield conn
-        except BaseException:
-            # Rolled back by the block; a connection broken by the failure is not kept.
+        finally:
+            # Committed, or rolled back by the block; a connection broken by a failure is not kept.
             self._give_back(conn)
-            raise
-        self._give_back(conn)
 
     def _take(self) -> Conn:
         while True:

@@ -18,7 +18,7 @@ from redis.typing import EncodableT, FieldT
 
 from models import keys
 from models.handles import handle_key, is_valid_handle
-from projector.db import Conn, Database
+from projector.db import Conn, Database, one_row
 from projector.records import Cursor, OwnerView, UserRow
 from projector.render import encode_floor, floor_of, render_doc, render_tail
 from projector.sink import Fenced
@@ -117,12 +117,8 @@ def snapshot_into(
 
 def _max_seq_below(conn: Conn, h: int) -> int:
     """The chain's height as seen by everything below the horizon ``h``."""
-    row = conn.execute(
-        "select coalesce(max(seq), 0) from audit_events where tx_id < %(h)s::text::xid8",
-        {"h": h},
-    ).fetchone()
-    assert row is not None  # an aggregate: always one row
-    return int(row[0])
+    query = "select coalesce(max(seq), 0) from audit_events where tx_id < %(h)s::text::xid8"
+    return int(one_row(conn, query, {"h": h})[0])
 
 
 def swap_in(client: redis.Redis, gen: int) -> int | None:

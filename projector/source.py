@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 from models.keys import TOP_N
-from projector.db import Conn
+from projector.db import Conn, one_row
 from projector.records import AgentRow, Event, Position, UserRow
 
 _XID = "cast(cast({} as text) as xid8)"
@@ -53,18 +53,12 @@ def _event(row: Sequence[Any]) -> Event:
     return Event(*row[:_EVENT_FIELDS])
 
 
-def _one(conn: Conn, query: str, params: dict[str, Any] | None = None) -> tuple[Any, ...]:
-    row = conn.execute(query, params).fetchone()
-    assert row is not None, query  # only ever asked of queries that return a row
-    return row
-
-
 def horizon(conn: Conn) -> int:
-    return int(_one(conn, "select pg_snapshot_xmin(pg_current_snapshot())::text")[0])
+    return int(one_row(conn, "select pg_snapshot_xmin(pg_current_snapshot())::text")[0])
 
 
 def horizon_and_xmax(conn: Conn) -> tuple[int, int]:
-    xmin, xmax = _one(
+    xmin, xmax = one_row(
         conn,
         "select pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text from pg_current_snapshot() s",
     )
@@ -265,7 +259,7 @@ _COMMIT_TIME = (
 
 
 def _commit_time(conn: Conn, xid: int) -> datetime | None:
-    value: datetime | None = _one(
+    value: datetime | None = one_row(
         conn, "select " + _COMMIT_TIME.format(_XID.format("%(x)s")), {"x": xid}
     )[0]
     return value

@@ -35,7 +35,7 @@ from models.handles import is_valid_handle
 from models.keys import TOP_N
 from models.settings import get_projector_settings
 from projector import logs, readmodel
-from projector.db import Database
+from projector.db import Database, one_row
 from projector.rebuild import collect_garbage, new_generation, snapshot_into, swap_in
 from projector.records import Position
 from projector.sink import Mode, connect
@@ -75,13 +75,11 @@ def plan(db: Database) -> Plan:
     with db.transaction(repeatable_read=True) as conn:
         h = horizon(conn)
         handles = [handle for (handle,) in conn.execute("select handle from users")]
-        counted = conn.execute("select count(*), count(distinct owner_id) from agents")
-        agents, owners = counted.fetchone() or (0, 0)
-        found = conn.execute(
-            f"select count(*) from audit_events where tx_id < {_XID}", {"x": h}
-        ).fetchone()
+        agents, owners = one_row(conn, "select count(*), count(distinct owner_id) from agents")
+        (events,) = one_row(
+            conn, f"select count(*) from audit_events where tx_id < {_XID}", {"x": h}
+        )
     indexed = sum(1 for handle in handles if is_valid_handle(handle))
-    events = found[0] if found else 0
     return Plan(h, len(handles), int(owners), indexed, int(agents), int(events))
 
 
@@ -113,11 +111,8 @@ def dry_run(db: Database, client: redis.Redis, out: Console) -> None:
 
 def _events_covered(db: Database, pos: Position) -> int:
     with db.transaction() as conn:
-        found = conn.execute(
-            f"select count(*) from audit_events where (tx_id, seq) <= ({_XID}, %(n)s)",
-            {"x": pos.xid, "n": pos.n},
-        ).fetchone()
-    return int(found[0]) if found else 0
+        query = f"select count(*) from audit_events where (tx_id, seq) <= ({_XID}, %(n)s)"
+        return int(one_row(conn, query, {"x": pos.xid, "n": pos.n})[0])
 
 
 def rebuild(db: Database, client: redis.Redis, out: Console) -> None:
